@@ -1,0 +1,47 @@
+"""Shared test fixtures: where the official reference data lives, and how to read it."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_DIR = Path(os.environ.get("WUERSTCHEN_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
+PARITY_DIR = REFERENCE_DIR / "parity"
+MANIFEST_DIR = REFERENCE_DIR / "manifests"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"reference data missing: {path}. Tests need ../shared/reference beside the repository "
+            "(or WUERSTCHEN_REFERENCE pointing at it)."
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    return _require(PARITY_DIR)
+
+
+@pytest.fixture(scope="session")
+def manifest_dir() -> Path:
+    return _require(MANIFEST_DIR)
+
+
+def load_parity(name: str):
+    """Return (json, weights state dict or None, io tensors) for a parity vector."""
+    from safetensors.torch import load_file
+
+    meta = json.loads(_require(PARITY_DIR / f"{name}.json").read_text())
+    weights_path = PARITY_DIR / f"{name}.weights.safetensors"
+    weights = load_file(str(weights_path)) if weights_path.exists() else None
+    io_path = PARITY_DIR / f"{name}.io.safetensors"
+    io = load_file(str(io_path)) if io_path.exists() else {}
+    return meta, weights, io
+
+
+def load_manifest(name: str) -> dict:
+    return json.loads(_require(MANIFEST_DIR / f"{name}.json").read_text())
