@@ -1,0 +1,384 @@
+"""The Stable Cascade cascade as plain functions (used by the ComfyUI nodes) and one class (CLI).
+
+Stage C samples a 16-channel semantic latent from text, Stage B samples the 4-channel VQGAN
+latent conditioned on it, Stage A decodes pixels. Defaults are the official notebook's: 1024²,
+Stage C 20 steps cfg 4 shift 2, Stage B 10 steps cfg 1.1 shift 1, DDPM with cfg_rho 0.7, and the
+last step's x0 as each stage's result. Noise is drawn on a CPU generator so a seed gives the same
+image on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import sampling
+from .schedule import img2img_steps
+
+OFFICIAL_COMPRESSION = 42.67
+STAGE_B_COMPRESSION = 4
+EFFNET_COMPRESSION = 32
+STAGE_A_SCALE = 0.43
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ProgressFn = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class StageCSettings:
+    steps: int = 20
+    cfg: float = 4.0
+    shift: float = 2.0
+    sampler: str = "ddpm"
+    cfg_rho: float = 0.7
+    denoise: float = 1.0
+
+
+@dataclass
+class StageBSettings:
+    steps: int = 10
+    cfg: float = 1.1
+    shift: float = 1.0
+    sampler: str = "ddpm"
+    cfg_rho: float = 0.7
+
+
+@dataclass
+class Conditioning:
+    """Stage C conditioning of one side (positive or negative) of CFG."""
+
+    clip_text: torch.Tensor  # [B, L, 1280], last hidden state before the final LayerNorm
+    clip_text_pooled: torch.Tensor  # [B, 1, 1280]
+    clip_img: Optional[torch.Tensor] = None  # [B, N, 768]; zeros [B, 1, 768] when absent
+
+    def stage_c_inputs(self, batch: int, c_clip_img: int) -> Dict[str, torch.Tensor]:
+        clip_img = self.clip_img
+        if clip_img is None:
+            clip_img = torch.zeros(self.clip_text.shape[0], 1, c_clip_img, dtype=self.clip_text.dtype)
+        return {
+            "clip_text": _repeat_to(self.clip_text, batch),
+            "clip_text_pooled": _repeat_to(self.clip_text_pooled, batch),
+            "clip_img": _repeat_to(clip_img, batch),
+        }
+
+
+def _repeat_to(t: torch.Tensor, batch: int) -> torch.Tensor:
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"conditioning batch {t.shape[0]} does not divide the latent batch {batch}")
+    return t.repeat_interleave(batch // t.shape[0], dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+
+
+def stage_c_latent_size(height: int, width: int, compression: float = OFFICIAL_COMPRESSION) -> Tuple[int, int]:
+    """Stage C latent (h, w) for an output size, as the official ``calculate_latent_sizes``."""
+    return math.ceil(height / compression), math.ceil(width / compression)
+
+
+def stage_b_latent_size(height: int, width: int) -> Tuple[int, int]:
+    return math.ceil(height / STAGE_B_COMPRESSION), math.ceil(width / STAGE_B_COMPRESSION)
+
+
+def output_size_from_stage_c(latent_h: int, latent_w: int, compression: float = OFFICIAL_COMPRESSION) -> Tuple[int, int]:
+    """Pixel size a Stage C latent stands for (1024 for 24 latent rows at 42.67), a multiple of 4."""
+    return (int(latent_h * compression) // 4) * 4, (int(latent_w * compression) // 4) * 4
+
+
+def check_size(height: int, width: int, where: str = "size") -> None:
+    if height < 64 or width < 64:
+        raise ValueError(f"{where}: {width}x{height} is too small; use at least 64 pixels per side (1024x1024 is what the models were trained for)")
+    if height > 8192 or width > 8192:
+        raise ValueError(f"{where}: {width}x{height} is too large; at most 8192 pixels per side")
+
+
+# --------------------------------------------------------------------------------------------
+# Text and image conditioning
+
+
+def encode_text(text_encoder: nn.Module, prompts: Sequence[str]) -> Conditioning:
+    """Official CLIP-G conditioning: hidden state before the final LayerNorm, and the pooled token."""
+    from . import text
+
+    clip_text, clip_text_pooled = text.encode_prompts(text_encoder, list(prompts))
+    return Conditioning(clip_text.float().cpu(), clip_text_pooled.float().cpu())
+
+
+def encode_image_embeds(vision_encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """ViT-L/14 ``image_embeds`` [B, 768] of IMAGE-layout images [B, H, W, 3] in [0, 1]."""
+    from . import preprocess, vision
+
+    pixels = preprocess.clip_preprocess_official(images)
+    return vision.encode_images(vision_encoder, pixels).float().cpu()
+
+
+def with_image_embeds(cond: Conditioning, embeds: torch.Tensor, strengths: Optional[Sequence[float]] = None) -> Conditioning:
+    """Add image tokens (one per image, scaled by its strength) to a conditioning, as variations do."""
+    embeds = embeds.float()
+    if strengths is not None:
+        embeds = embeds * torch.tensor(list(strengths), dtype=embeds.dtype)[:, None]
+    tokens = embeds.unsqueeze(0).expand(cond.clip_text.shape[0], -1, -1)  # every prompt sees every image
+    existing = cond.clip_img
+    clip_img = tokens if existing is None else torch.cat([existing, tokens], dim=1)
+    return Conditioning(cond.clip_text, cond.clip_text_pooled, clip_img)
+
+
+# --------------------------------------------------------------------------------------------
+# Latents
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def _model_param(model: nn.Module) -> torch.Tensor:
+    return next(model.parameters())
+
+
+def sample_stage_c(
+    model: nn.Module,
+    cond: Conditioning,
+    uncond: Conditioning,
+    *,
+    shape: Optional[Tuple[int, int, int, int]] = None,
+    init_latent: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    settings: StageCSettings = StageCSettings(),
+    cnet: Optional[List[Optional[torch.Tensor]]] = None,
+    callback: Optional[ProgressFn] = None,
+) -> torch.Tensor:
+    """Sample a Stage C latent. ``init_latent`` with ``settings.denoise`` < 1 is the official img2img."""
+    device = _model_param(model).device
+    generator = cpu_generator(seed)
+    c_clip_img = model.clip_img_mapper.in_features
+    if init_latent is not None and settings.denoise < 1.0:
+        batch = init_latent.shape[0]
+        t_start = float(settings.denoise)
+        steps = img2img_steps(settings.steps, t_start)
+        x_init = sampling.noise_to(init_latent.float(), t_start, generator=generator)
+    else:
+        if shape is None:
+            shape = tuple(init_latent.shape)
+        batch = shape[0]
+        t_start, steps = 1.0, settings.steps
+        x_init = torch.randn(shape, generator=generator)
+    cond_in = cond.stage_c_inputs(batch, c_clip_img)
+    uncond_in = uncond.stage_c_inputs(batch, c_clip_img)
+    _match_token_counts(cond_in, uncond_in)
+    if cnet is not None:
+        cond_in["cnet"] = cnet
+        uncond_in["cnet"] = cnet
+    x0 = sampling.sample(
+        model, x_init.to(device), _to(cond_in, device), _to(uncond_in, device), steps=steps, cfg=settings.cfg,
+        shift=settings.shift, cfg_rho=settings.cfg_rho, t_start=t_start, sampler=settings.sampler,
+        generator=generator, callback=callback,
+    )
+    return x0.float().cpu()
+
+
+def _match_token_counts(cond: Dict[str, torch.Tensor], uncond: Dict[str, torch.Tensor]) -> None:
+    """CFG runs both sides in one batch: pad the shorter token sequence (long prompts, image tokens)."""
+    for key in ("clip_text", "clip_img"):
+        a, b = cond[key], uncond[key]
+        if a.shape[1] == b.shape[1]:
+            continue
+        if key == "clip_img":  # zero image tokens are what "no image" means officially
+            n = max(a.shape[1], b.shape[1])
+            cond[key], uncond[key] = _pad_tokens(a, n), _pad_tokens(b, n)
+        else:  # repeat the shorter text encoding's windows, as ComfyUI does for long prompts
+            n = max(a.shape[1], b.shape[1])
+            cond[key], uncond[key] = _repeat_tokens(a, n), _repeat_tokens(b, n)
+
+
+def _pad_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+    if t.shape[1] == n:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], t.shape[2])], dim=1)
+
+
+def _repeat_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+    if t.shape[1] == n:
+        return t
+    reps = math.ceil(n / t.shape[1])
+    return t.repeat(1, reps, 1)[:, :n]
+
+
+def _to(inputs: Dict, device: torch.device) -> Dict:
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device)
+        elif isinstance(v, list):
+            out[k] = [None if t is None else t.to(device) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def sample_stage_b(
+    model: nn.Module,
+    stage_c_latent: torch.Tensor,
+    pooled: torch.Tensor,
+    pooled_uncond: torch.Tensor,
+    *,
+    size: Tuple[int, int],
+    seed: int = 0,
+    settings: StageBSettings = StageBSettings(),
+    callback: Optional[ProgressFn] = None,
+) -> torch.Tensor:
+    """Sample the Stage B latent [B, 4, H/4, W/4] (official scale) for output ``size`` (H, W)."""
+    device = _model_param(model).device
+    batch = stage_c_latent.shape[0]
+    h, w = stage_b_latent_size(*size)
+    c_in = model.embedding[1].in_channels // (model.embedding[0].downscale_factor ** 2) if hasattr(model, "embedding") else 4
+    generator = cpu_generator(seed)
+    x_init = torch.randn((batch, c_in, h, w), generator=generator)
+    effnet = stage_c_latent.float()
+    cond = {"effnet": effnet, "clip": _repeat_to(pooled.float(), batch)}
+    uncond = {"effnet": torch.zeros_like(effnet), "clip": _repeat_to(pooled_uncond.float(), batch)}
+    x0 = sampling.sample(
+        model, x_init.to(device), _to(cond, device), _to(uncond, device), steps=settings.steps, cfg=settings.cfg,
+        shift=settings.shift, cfg_rho=settings.cfg_rho, t_start=1.0, sampler=settings.sampler,
+        generator=generator, callback=callback,
+    )
+    return x0.float().cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels
+
+
+def _tiles(size: int, tile: int, overlap: int) -> List[int]:
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    return sorted(set(starts))
+
+
+@torch.no_grad()
+def decode_stage_a(stage_a: nn.Module, latent: torch.Tensor, tile: int = 0, overlap: int = 16,
+                   callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """VQGAN-decode an official-scale Stage B latent to images [B, 3, H, W] in [0, 1].
+
+    ``tile`` > 0 decodes latent tiles of that size with ``overlap`` and blends them linearly,
+    so memory stays bounded for large images (the decoder's receptive field is small).
+    """
+    param = _model_param(stage_a)
+    x = latent.to(param.device, param.dtype)
+    b, _, h, w = x.shape
+    if tile <= 0 or (h <= tile and w <= tile):
+        out = stage_a.decode(x).float().clamp(0, 1).cpu()
+        if callback:
+            callback(1, 1)
+        return out
+    overlap = min(overlap, tile // 2)
+    ys, xs = _tiles(h, tile, overlap), _tiles(w, tile, overlap)
+    scale = None
+    out = weight = None
+    total, done = len(ys) * len(xs), 0
+    for y0 in ys:
+        for x0 in xs:
+            part = stage_a.decode(x[:, :, y0:y0 + tile, x0:x0 + tile]).float().cpu()
+            if out is None:
+                scale = part.shape[-1] // min(tile, w)
+                out = torch.zeros(b, part.shape[1], h * scale, w * scale)
+                weight = torch.zeros(1, 1, h * scale, w * scale)
+            ph, pw = part.shape[-2:]
+            mask = _blend_mask(ph, pw, overlap * scale, top=y0 > 0, left=x0 > 0,
+                               bottom=y0 + tile < h, right=x0 + tile < w)
+            out[:, :, y0 * scale:y0 * scale + ph, x0 * scale:x0 * scale + pw] += part * mask
+            weight[:, :, y0 * scale:y0 * scale + ph, x0 * scale:x0 * scale + pw] += mask
+            done += 1
+            if callback:
+                callback(done, total)
+    return (out / weight.clamp_min(1e-8)).clamp(0, 1)
+
+
+def _blend_mask(h: int, w: int, ramp: int, *, top: bool, left: bool, bottom: bool, right: bool) -> torch.Tensor:
+    def axis(n, start, end):
+        m = torch.ones(n)
+        if ramp > 0:
+            r = torch.linspace(0, 1, ramp + 2)[1:-1]
+            if start:
+                m[:ramp] = r
+            if end:
+                m[-ramp:] = r.flip(0)
+        return m
+
+    return (axis(h, top, bottom)[:, None] * axis(w, left, right)[None, :])[None, None]
+
+
+@torch.no_grad()
+def encode_stage_a(stage_a: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] -> official-scale Stage B latent (unquantized, as the official pipeline)."""
+    param = _model_param(stage_a)
+    return stage_a.encode(images.to(param.device, param.dtype), quantize=False)[0].float().cpu()
+
+
+def semantic_input(images: torch.Tensor, latent_size: Tuple[int, int]) -> torch.Tensor:
+    """Resize [B, 3, H, W] images in [0, 1] for the effnet (bilinear, antialiased, as the official
+    ``resize_image``) to 32x the wanted Stage C latent size, then ImageNet-normalise."""
+    target = (latent_size[0] * EFFNET_COMPRESSION, latent_size[1] * EFFNET_COMPRESSION)
+    x = images.float()
+    if tuple(x.shape[-2:]) != target:
+        x = F.interpolate(x, size=target, mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def encode_semantic(effnet: nn.Module, images: torch.Tensor, latent_size: Optional[Tuple[int, int]] = None,
+                    compression: float = OFFICIAL_COMPRESSION) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] -> Stage C latent [B, 16, h, w] (img2img, reconstruction)."""
+    if latent_size is None:
+        latent_size = stage_c_latent_size(images.shape[-2], images.shape[-1], compression)
+    param = _model_param(effnet)
+    x = semantic_input(images, latent_size).to(param.device, param.dtype)
+    return effnet(x).float().cpu()
+
+
+@torch.no_grad()
+def preview_stage_c(previewer: nn.Module, latent: torch.Tensor) -> torch.Tensor:
+    """Stage C latent -> small RGB preview [B, 3, 8h, 8w] in [0, 1]."""
+    param = _model_param(previewer)
+    return previewer(latent.to(param.device, param.dtype)).float().clamp(0, 1).cpu()
+
+
+def latent_rgb_preview(latent: torch.Tensor) -> torch.Tensor:
+    """A model-free preview of a latent when no previewer is loaded: three fixed channel mixes,
+    normalised per image. Crude, but it shows composition while Stage C runs."""
+    x = latent.float()
+    c = x.shape[1]
+    idx = torch.arange(c, dtype=torch.float32)
+    mix = torch.stack([torch.cos(idx * 0.9), torch.cos(idx * 0.9 + 2.1), torch.cos(idx * 0.9 + 4.2)])  # [3, C]
+    rgb = torch.einsum("rc,bchw->brhw", mix, x)
+    lo = rgb.amin(dim=(1, 2, 3), keepdim=True)
+    hi = rgb.amax(dim=(1, 2, 3), keepdim=True)
+    return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+
+
+def to_image_layout(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> ComfyUI IMAGE [B, H, W, 3]."""
+    return images.permute(0, 2, 3, 1).contiguous()
+
+
+def from_image_layout(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] -> [B, 3, H, W] (alpha dropped, grey expanded)."""
+    x = images.float()
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    x = x[..., :3]
+    if x.shape[-1] == 1:
+        x = x.expand(*x.shape[:-1], 3)
+    return x.permute(0, 3, 1, 2).contiguous()
