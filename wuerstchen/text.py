@@ -1,0 +1,336 @@
+"""CLIP ViT-bigG-14 text encoder, called exactly as the official Stable Cascade code calls it.
+
+Stage C is conditioned on ``clip_text`` = the output of the *last block before* the final
+LayerNorm ([B, 77, 1280]) and ``clip_text_pooled`` = the final-LN state at the first EOS,
+projected ([B, 1, 1280]).  The official call passes the tokenizer's attention mask, so padded
+positions are masked as attention keys (on top of the causal mask); padding uses id 0.
+
+The block stack is open_clip's ``Transformer``; the state dict uses open_clip names (fused
+``in_proj``) except ``text_projection``, kept as a bias-free Linear in the Hugging Face
+orientation [proj, width] so that LoRA deltas keyed by HF names need no transposition.
+Loading accepts the Hugging Face layout of the released ``text_encoder/model.safetensors`` and
+open_clip's layout.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from .clip_transformer import (assemble, build_transformer, find_prefix, hf_layer_key_to_param,
+                               place, run_blocks, unknown_keys_error)
+from .tokenizer import (EOS_ID, MAX_CONTENT_TOKENS, CLIPTokenizer, parse_prompt_weights,
+                        tokenize)
+
+__all__ = [
+    "BIGG14_TEXT_CONFIG", "CLIPTextEncoder", "TextEncoding", "config_from_state_dict",
+    "convert_text_state_dict", "hf_text_key_to_param", "tokenize",
+]
+
+BIGG14_TEXT_CONFIG = MappingProxyType(dict(
+    width=1280, layers=32, heads=20, mlp_width=5120, vocab_size=49408, context_length=77,
+    projection_dim=1280, activation="gelu", layer_norm_eps=1e-5,
+))
+
+_HF_ANCHOR = "text_model.embeddings.token_embedding.weight"
+_OPEN_CLIP_ANCHOR = "token_embedding.weight"
+_HF_RENAMES = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "text_projection.weight": "text_projection.weight",
+}
+_HF_LAYER_HEAD = "text_model.encoder.layers."
+# Keys of other towers / training state that may share a file with the text tower.
+_FOREIGN_HF = ("vision_model.", "visual_projection.", "logit_scale", "logit_bias")
+_FOREIGN_OPEN_CLIP = ("visual.", "logit_scale", "logit_bias", "attn_mask")
+
+
+class TextEncoding(NamedTuple):
+    """Everything one text-encoder call produces (Hugging Face names where they exist)."""
+
+    clip_text: torch.Tensor          # [B, L, W] last block output, before the final LayerNorm
+    clip_text_pooled: torch.Tensor   # [B, 1, P] projected pooled state (= text_embeds[:, None])
+    last_hidden_state: torch.Tensor  # [B, L, W] after the final LayerNorm
+    pooled_output: torch.Tensor      # [B, W] last_hidden_state at pooled_index
+    pooled_index: torch.Tensor       # [B] first position holding the EOS id 49407
+    hidden_states: tuple[torch.Tensor, ...] | None  # embeddings, then each block's output
+
+
+def hf_text_key_to_param(hf_key: str, width: int) -> tuple[str, slice | None]:
+    """Map a Hugging Face text-encoder key to ``(our parameter name, rows or None)``.
+
+    Accepts parameter keys (``...q_proj.weight``) or module paths (``...q_proj``, meaning the
+    weight), with or without the leading ``text_model.``.  ``rows`` selects the part of the
+    fused ``in_proj`` tensor that a q/k/v key corresponds to.
+    """
+    key = hf_key
+    if not key.endswith((".weight", ".bias")):
+        key += ".weight"
+    if not key.startswith("text_model.") and key != "text_projection.weight":
+        key = "text_model." + key
+    if key in _HF_RENAMES:
+        return _HF_RENAMES[key], None
+    if key.startswith(_HF_LAYER_HEAD):
+        return hf_layer_key_to_param(key[len(_HF_LAYER_HEAD):], width)
+    raise KeyError(f"not a CLIP text-encoder parameter: {hf_key!r}")
+
+
+def _hf_width(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return sd[prefix + _HF_ANCHOR].shape[1]
+
+
+def convert_text_state_dict(sd: Mapping[str, torch.Tensor], prefix: str | None = None,
+                            dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
+    """Any supported layout -> this module's state dict (cast/moved tensor by tensor).
+
+    The tower is found by its token-embedding key; ``prefix`` overrides that search.  Keys
+    outside the prefix belong to other models and are ignored, as are ``position_ids``,
+    ``logit_scale`` and other towers of a full CLIP checkpoint.  Anything else unknown raises.
+    """
+    if prefix is None:
+        prefix, _ = find_prefix(sd.keys(), (_HF_ANCHOR, _OPEN_CLIP_ANCHOR), "CLIP text")
+    hf = (prefix + _HF_ANCHOR) in sd
+    own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    pieces: dict[str, list[tuple[slice | None, torch.Tensor]]] = {}
+    unknown = []
+    if hf:
+        width = _hf_width(sd, prefix)
+        for key, tensor in own.items():
+            if key.endswith("position_ids") or key.startswith(_FOREIGN_HF):
+                continue
+            try:
+                name, rows = hf_text_key_to_param(key, width)
+            except KeyError:
+                unknown.append(prefix + key)
+                continue
+            pieces.setdefault(name, []).append((rows, place(tensor, dtype, device)))
+    else:
+        width = own[_OPEN_CLIP_ANCHOR].shape[1]
+        for key, tensor in own.items():
+            if key.startswith(_FOREIGN_OPEN_CLIP):
+                continue
+            if key == "text_projection":  # open_clip keeps [width, proj]: y = x @ P
+                key, tensor = "text_projection.weight", tensor.t().contiguous()
+            elif not key.startswith(("token_embedding.", "positional_embedding", "transformer.",
+                                     "ln_final.", "text_projection.weight")):
+                unknown.append(prefix + key)
+                continue
+            pieces[key] = [(None, place(tensor, dtype, device))]
+    if unknown:
+        raise unknown_keys_error("CLIP text", unknown)
+    return assemble(pieces, width, "CLIP text")
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor], prefix: str | None = None,
+                           heads: int | None = None, activation: str = "gelu") -> dict:
+    """Constructor kwargs inferred from tensor shapes (HF or open_clip layout).
+
+    Heads cannot be read from shapes: the default is width // 64 (true for every released CLIP
+    text tower, e.g. 20 for bigG).  The activation defaults to exact GELU as in ViT-bigG-14.
+    """
+    ours = convert_text_state_dict(sd, prefix=prefix, device="meta")
+    vocab_size, width = ours["token_embedding.weight"].shape
+    if "text_projection.weight" not in ours:
+        raise KeyError("the state dict has no text projection; Stable Cascade needs the "
+                       "CLIPTextModelWithProjection weights (text_encoder/model.safetensors)")
+    layers = 0
+    while f"transformer.resblocks.{layers}.ln_1.weight" in ours:
+        layers += 1
+    return dict(
+        width=width, layers=layers, heads=heads or max(1, width // 64),
+        mlp_width=ours["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] if layers else 4 * width,
+        vocab_size=vocab_size, context_length=ours["positional_embedding"].shape[0],
+        projection_dim=ours["text_projection.weight"].shape[0], activation=activation,
+    )
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP text tower (default: ViT-bigG-14 as Stable Cascade uses it) with its tokenizer."""
+
+    def __init__(self, width: int = 1280, layers: int = 32, heads: int = 20,
+                 mlp_width: int = 5120, vocab_size: int = 49408, context_length: int = 77,
+                 projection_dim: int = 1280, activation: str = "gelu",
+                 layer_norm_eps: float = 1e-5):
+        super().__init__()
+        self.width, self.heads, self.context_length = width, heads, context_length
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = build_transformer(width, layers, heads, mlp_width, activation,
+                                             layer_norm_eps)
+        self.ln_final = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.text_projection = nn.Linear(width, projection_dim, bias=False)
+        # Rows for words added with add_token_embeddings (ids from vocab_size on).
+        self.register_buffer("added_token_embedding", None, persistent=False)
+        self.tokenizer = CLIPTokenizer()
+
+    # ---- loading -----------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device=None, *, prefix: str | None = None, heads: int | None = None,
+                        activation: str = "gelu") -> "CLIPTextEncoder":
+        """Build on meta and fill with the (converted) tensors directly, in ``dtype``."""
+        config = config_from_state_dict(sd, prefix=prefix, heads=heads, activation=activation)
+        ours = convert_text_state_dict(sd, prefix=prefix, dtype=dtype, device=device)
+        with torch.device("meta"):
+            model = cls(**config)
+        model.load_state_dict(ours, strict=True, assign=True)
+        return model.eval()
+
+    def hf_key_to_param(self, hf_key: str) -> tuple[str, slice | None]:
+        """Where a Hugging Face-named weight lives here: ``(parameter name, rows or None)``."""
+        return hf_text_key_to_param(hf_key, self.width)
+
+    # ---- added words (textual-inversion style tokens of LoRAs) -------------------------
+    def add_token_embeddings(self, words: Sequence[str], vectors: torch.Tensor) -> list[int]:
+        """Make ``words`` single tokens whose input embeddings are ``vectors`` [N, width].
+
+        This is what the official LoRA trainer does with ``tokenizer.add_tokens``: the words get
+        ids from 49408 on and are matched case-insensitively in prompts.  Re-adding a word
+        replaces its vector.  Returns the ids.
+        """
+        words = list(words)
+        if vectors.ndim != 2 or vectors.shape != (len(words), self.width):
+            raise ValueError(f"vectors must be [{len(words)}, {self.width}] for {len(words)} "
+                             f"word(s), got {list(vectors.shape)}")
+        old = self._added_rows()
+        ids = self.tokenizer.add_tokens(words)  # existing words keep their ids
+        weight = self.token_embedding.weight
+        vectors = vectors.to(device=weight.device, dtype=weight.dtype)
+        rows = {**old, **dict(zip(ids, vectors))}
+        self.added_token_embedding = torch.stack([rows[i] for i in sorted(rows)])
+        return ids
+
+    def remove_token_embeddings(self, words: Sequence[str] | None = None) -> None:
+        """Forget added words (all when None); the remaining ones are renumbered."""
+        by_word = {w: self._added_rows()[i] for w, i in self.tokenizer.added_tokens.items()}
+        self.tokenizer.remove_tokens(words)
+        kept = self.tokenizer.added_tokens
+        self.added_token_embedding = (torch.stack([by_word[w] for w in kept]) if kept else None)
+
+    def _added_rows(self) -> dict[int, torch.Tensor]:
+        table = self.added_token_embedding
+        base = self.token_embedding.num_embeddings
+        return {} if table is None else {base + i: table[i] for i in range(table.shape[0])}
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, including the rows of added words."""
+        base = self.token_embedding.num_embeddings
+        extra = self.added_token_embedding
+        limit = base + (0 if extra is None else extra.shape[0])
+        if input_ids.numel() and (int(input_ids.max()) >= limit or int(input_ids.min()) < 0):
+            raise ValueError(f"token ids must lie in [0, {limit}); got up to "
+                             f"{int(input_ids.max())} (added words: {len(self.tokenizer.added_tokens)})")
+        if extra is None:
+            return self.token_embedding(input_ids)
+        embedded = self.token_embedding(input_ids.clamp(max=base - 1))
+        added = extra.to(embedded.dtype)[(input_ids - base).clamp(min=0)]
+        return torch.where((input_ids >= base).unsqueeze(-1), added, embedded)
+
+    # ---- encoding ----------------------------------------------------------------------
+    def _attention_bias(self, attention_mask: torch.Tensor | None, length: int,
+                        dtype: torch.dtype, device) -> torch.Tensor:
+        """Additive mask: causal, plus padded keys masked when a mask is given (official)."""
+        allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.to(device=device).bool()[:, None, :]
+            allowed = allowed.repeat_interleave(self.heads, 0)  # [B * heads, L, L]
+        blocked = torch.finfo(dtype).min
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> TextEncoding:
+        """Run the tower.  Pass the tokenizer's ``attention_mask`` for the official behaviour;
+        without it only the causal mask applies (open_clip's behaviour)."""
+        if input_ids.ndim != 2 or input_ids.shape[1] > self.context_length:
+            raise ValueError(f"input_ids must be [B, <= {self.context_length}], got "
+                             f"{list(input_ids.shape)}")
+        device = self.token_embedding.weight.device
+        input_ids = input_ids.to(device)
+        length = input_ids.shape[1]
+        x = self.embed_tokens(input_ids) + self.positional_embedding[:length]
+        bias = self._attention_bias(attention_mask, length, x.dtype, device)
+        clip_text, hidden = run_blocks(self.transformer, x, bias, collect=output_hidden_states)
+        last = self.ln_final(clip_text)
+        # First EOS, as transformers does for eos_token_id 49407 (0 for a row without one).
+        index = (input_ids == EOS_ID).int().argmax(dim=-1)
+        pooled = last[torch.arange(last.shape[0], device=device), index]
+        return TextEncoding(
+            clip_text=clip_text,
+            clip_text_pooled=self.text_projection(pooled).unsqueeze(1),
+            last_hidden_state=last,
+            pooled_output=pooled,
+            pooled_index=index,
+            hidden_states=(x, *hidden) if output_hidden_states else None,
+        )
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(clip_text [B, L, W], clip_text_pooled [B, 1, P])`` for Stage C."""
+        out = self.forward(input_ids, attention_mask)
+        return out.clip_text, out.clip_text_pooled
+
+    def tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Official tokenization, also knowing this encoder's added words."""
+        return self.tokenizer(prompts)
+
+    def encode_prompts(self, prompts: str | Sequence[str], *, weights: bool = True,
+                       long_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> ``(clip_text [B, 77*k, W], clip_text_pooled [B, 1, P])``.
+
+        * A prompt without weights that fits in 75 tokens gives exactly the official encoding.
+        * Longer prompts (``long_prompts``) are cut into windows of 75 tokens, each encoded as
+          BOS + tokens + EOS padded to 77, and concatenated along the sequence; the pooled
+          vector comes from the first window, which equals the official (truncated) encoding.
+          Without ``long_prompts`` the prompt is truncated like the official code does.
+          All prompts of one call must need the same number of windows.
+        * ``weights``: ComfyUI syntax ``(word:1.3)``, ``(word)`` = x1.1, ``[word]`` = /1.1,
+          ``\\(`` for a literal bracket.  Each weighted token's ``clip_text`` row becomes
+          ``z_empty + w * (z - z_empty)``, with z_empty the encoding of the empty prompt at the
+          same position (ComfyUI's rule); the pooled vector is not weighted.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("encode_prompts() needs at least one prompt")
+        windows, window_weights, counts = [], [], []
+        for prompt in prompts:
+            ids, token_weights = self._weighted_ids(prompt, weights)
+            if not long_prompts:
+                ids, token_weights = ids[:MAX_CONTENT_TOKENS], token_weights[:MAX_CONTENT_TOKENS]
+            starts = range(0, max(len(ids), 1), MAX_CONTENT_TOKENS)
+            for s in starts:
+                windows.append(self.tokenizer.window(ids[s:s + MAX_CONTENT_TOKENS]))
+                chunk = token_weights[s:s + MAX_CONTENT_TOKENS]
+                window_weights.append([1.0, *chunk] + [1.0] * (self.context_length - 1 - len(chunk)))
+            counts.append(len(starts))
+        if len(set(counts)) > 1:
+            raise ValueError(f"prompts need different numbers of 75-token windows ({counts}); "
+                             "encode them in separate calls")
+        device = self.token_embedding.weight.device
+        input_ids = torch.tensor([w[0] for w in windows], dtype=torch.long, device=device)
+        mask = torch.tensor([w[1] for w in windows], dtype=torch.long, device=device)
+        clip_text, pooled = self.encode(input_ids, mask)
+        scale = torch.tensor(window_weights, dtype=torch.float32, device=device).unsqueeze(-1)
+        if bool((scale != 1.0).any()):
+            empty_text, _ = self.encode(*self.tokenizer(""))
+            z, z_empty = clip_text.float(), empty_text.float()
+            weighted = (z_empty + (z - z_empty) * scale).to(clip_text.dtype)
+            clip_text = torch.where(scale != 1.0, weighted, clip_text)
+        per_prompt = counts[0]
+        clip_text = clip_text.reshape(len(prompts), per_prompt * clip_text.shape[1], -1)
+        return clip_text, pooled[::per_prompt]
+
+    def _weighted_ids(self, prompt: str, weights: bool) -> tuple[list[int], list[float]]:
+        pieces = (parse_prompt_weights(prompt, protected=self.tokenizer.added_tokens)
+                  if weights else [(prompt, 1.0)])
+        ids, token_weights = [], []
+        for text, weight in pieces:
+            piece_ids = self.tokenizer.encode(text)
+            ids += piece_ids
+            token_weights += [weight] * len(piece_ids)
+        return ids, token_weights
