@@ -65,6 +65,7 @@ const EXTENSION_NAME = "wuerstchen.sizes";
 const READOUT_WIDGET = "wuerstchen_sizes";
 const EMPTY_LATENT = "WuerstchenEmptyLatent";
 const STAGE_B_SAMPLER = "WuerstchenStageBSampler";
+const OWN_NODE_PREFIX = "Wuerstchen";
 const MAX_UPSTREAM_HOPS = 16;
 
 const LINE_HEIGHT = 15;
@@ -87,13 +88,15 @@ function widgetValue(node, name) {
 }
 
 /** The Empty Latent node a node's Stage C latent comes from, following the first LATENT input
- *  upstream (through samplers and the like); null when there is none. */
+ *  upstream through our own nodes only (a foreign node, e.g. a latent upscaler, may change the
+ *  size, so the trail stops there); null when there is none. */
 function upstreamEmptyLatent(node) {
   const seen = new Set();
   let current = node;
   for (let hop = 0; hop < MAX_UPSTREAM_HOPS && current && !seen.has(current.id); hop++) {
     seen.add(current.id);
     if (hop > 0 && current.comfyClass === EMPTY_LATENT) return current;
+    if (!String(current.comfyClass ?? "").startsWith(OWN_NODE_PREFIX)) return null;
     const slot = (current.inputs ?? []).findIndex((i) => i.type === "LATENT" && i.link != null);
     current = slot >= 0 ? current.getInputNode(slot) : null;
   }
