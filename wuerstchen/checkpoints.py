@@ -180,7 +180,7 @@ def _match_official(table: dict, inferred: dict, keys: Sequence[str]) -> Optiona
     return None
 
 
-def _detect_stage_c(shapes: Shapes) -> Detection:
+def _detect_stage_c(shapes: Shapes, hint: Optional[dict] = None) -> Detection:
     cfg = _unet_levels(shapes)
     c_cond, c_clip_text = shapes["clip_txt_mapper.weight"]
     cfg.update(
@@ -193,10 +193,10 @@ def _detect_stage_c(shapes: Shapes) -> Detection:
     variant = _match_official(configs.STAGE_C, cfg, structural)
     if variant:
         return Detection("stage_c", variant, configs.official(configs.STAGE_C, variant))
-    return Detection("stage_c", "custom", cfg)
+    return _with_hint(Detection("stage_c", "custom", cfg), hint, structural)
 
 
-def _detect_stage_b(shapes: Shapes) -> Detection:
+def _detect_stage_b(shapes: Shapes, hint: Optional[dict] = None) -> Detection:
     cfg = _unet_levels(shapes)
     attn = next(k for k in shapes if k.endswith("kv_mapper.1.weight"))
     c_cond = shapes[attn][1]
@@ -210,7 +210,7 @@ def _detect_stage_b(shapes: Shapes) -> Detection:
     variant = _match_official(configs.STAGE_B, cfg, structural)
     if variant:
         return Detection("stage_b", variant, configs.official(configs.STAGE_B, variant))
-    return Detection("stage_b", "custom", cfg)
+    return _with_hint(Detection("stage_b", "custom", cfg), hint, structural)
 
 
 def _detect_stage_a(shapes: Shapes) -> Detection:
@@ -325,24 +325,33 @@ def _strip(shapes: Shapes, prefix: str) -> Dict[str, Tuple[int, ...]]:
     return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
 
 
-def _metadata_config(metadata: Mapping[str, str]) -> Optional[dict]:
+def _metadata_config(metadata: Mapping[str, str]) -> Dict[str, dict]:
+    """Config hints a file may carry (``{kind: config}`` JSON): hyper-parameters that shapes cannot
+    show, e.g. attention heads of small test models. Shapes are still checked against them."""
     raw = metadata.get(CONFIG_METADATA_KEY) if metadata else None
     if not raw:
-        return None
+        return {}
     try:
         cfg = json.loads(raw)
     except json.JSONDecodeError:
-        return None
-    return cfg if isinstance(cfg, dict) else None
+        return {}
+    return {k: v for k, v in cfg.items() if isinstance(v, dict)} if isinstance(cfg, dict) else {}
+
+
+def _with_hint(det: Detection, hint: Optional[dict], structural: Sequence[str]) -> Detection:
+    """Use a metadata config when it agrees with everything the shapes tell."""
+    if det.variant == "custom" and hint and all(hint.get(k) == det.config.get(k) for k in structural):
+        return Detection(det.kind, det.variant, dict(hint), det.prefix)
+    return det
 
 
 def detect_parts(shapes: Shapes, metadata: Optional[Mapping[str, str]] = None) -> List[Detection]:
     """Every network in a state dict (one for a plain file, several for combined checkpoints)."""
-    meta_cfg = _metadata_config(metadata or {})
+    hints = _metadata_config(metadata or {})
     found: List[Detection] = []
     for prefix in _candidate_prefixes(shapes):
         sub = _strip(shapes, prefix)
-        det = _detect_single(sub, meta_cfg)
+        det = _detect_single(sub, hints)
         if det is not None:
             det.prefix = prefix + det.prefix
             found.append(det)
@@ -376,18 +385,18 @@ def _candidate_prefixes(shapes: Shapes) -> List[str]:
     return present
 
 
-def _detect_single(shapes: Shapes, meta_cfg: Optional[dict]) -> Optional[Detection]:
+def _detect_single(shapes: Shapes, hints: Dict[str, dict]) -> Optional[Detection]:
     try:
         if _has(shapes, "clip_txt_mapper.weight", "clip_img_mapper.weight", "embedding.1.weight"):
-            return _detect_stage_c(shapes)
+            return _detect_stage_c(shapes, hints.get("stage_c"))
         if _has(shapes, "effnet_mapper.0.weight", "pixels_mapper.0.weight", "clip_mapper.weight"):
-            return _detect_stage_b(shapes)
+            return _detect_stage_b(shapes, hints.get("stage_b"))
         if _has(shapes, "vquantizer.codebook.weight", "in_block.1.weight"):
             return _detect_stage_a(shapes)
         if _has(shapes, "projections.0.0.weight", "projections.0.2.weight") and any(k.startswith("backbone.") for k in shapes):
-            return _detect_controlnet(shapes, meta_cfg)
+            return _detect_controlnet(shapes, hints.get("controlnet"))
         if _has(shapes, "backbone.0.0.weight", "mapper.0.weight", "mapper.1.running_var"):
-            return _detect_effnet(shapes, meta_cfg)
+            return _detect_effnet(shapes, hints.get("effnet"))
         if _has(shapes, "blocks.0.weight", "blocks.2.running_mean") and "blocks.0.weight" in shapes and len(shapes["blocks.0.weight"]) == 4:
             return _detect_previewer(shapes)
     except (KeyError, StopIteration, IndexError) as exc:

@@ -53,8 +53,8 @@ class CNetResBlock(nn.Module):
         return x + self.blocks(x)
 
 
-def _effnet_backbone(c_in: int) -> nn.Sequential:
-    backbone = build_efficientnet_features()
+def _effnet_backbone(c_in: int, setting=None, last_channel: int = BACKBONE_OUT_CHANNELS) -> nn.Sequential:
+    backbone = build_efficientnet_features(setting, last_channel=last_channel)
     if c_in != 3:
         stem = backbone[0][0]
         backbone[0][0] = nn.Conv2d(c_in, stem.out_channels, kernel_size=3, stride=2, bias=False,
@@ -66,7 +66,11 @@ class ControlNet(nn.Module):
     """Control-image encoder producing StageC injection maps (see module docstring)."""
 
     def __init__(self, c_in: int = 3, c_proj: int = 2048, proj_blocks: Sequence[int] | None = None,
-                 bottleneck_mode: str | None = None):
+                 bottleneck_mode: str | None = None, backbone_setting=None, embd_channels: int | None = None,
+                 large_hidden: Sequence[int] | None = None):
+        """The first four arguments are the official ones. ``backbone_setting`` (effnet stage table),
+        ``embd_channels`` (bottleneck width, 1280 officially) and ``large_hidden`` (the 'large'
+        bottleneck's two widths, (16384, 1024) officially) exist for small test models."""
         super().__init__()
         if not proj_blocks:
             raise ValueError(
@@ -82,8 +86,8 @@ class ControlNet(nn.Module):
         self.c_in = c_in
 
         if bottleneck_mode == "effnet":
-            embd_channels = BACKBONE_OUT_CHANNELS
-            self.backbone = _effnet_backbone(c_in)
+            embd_channels = embd_channels or BACKBONE_OUT_CHANNELS
+            self.backbone = _effnet_backbone(c_in, backbone_setting, embd_channels)
         elif bottleneck_mode == "simple":
             embd_channels = c_in
             self.backbone = nn.Sequential(
@@ -92,13 +96,14 @@ class ControlNet(nn.Module):
                 nn.Conv2d(c_in * 4, c_in, kernel_size=3, padding=1),
             )
         elif bottleneck_mode == "large":
-            embd_channels = BACKBONE_OUT_CHANNELS
+            embd_channels = embd_channels or BACKBONE_OUT_CHANNELS
+            wide, hidden = large_hidden or (4096 * 4, 1024)
             self.backbone = nn.Sequential(
-                nn.Conv2d(c_in, 4096 * 4, kernel_size=1),
+                nn.Conv2d(c_in, wide, kernel_size=1),
                 nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(4096 * 4, 1024, kernel_size=1),
-                *[CNetResBlock(1024) for _ in range(8)],
-                nn.Conv2d(1024, embd_channels, kernel_size=1),
+                nn.Conv2d(wide, hidden, kernel_size=1),
+                *[CNetResBlock(hidden) for _ in range(8)],
+                nn.Conv2d(hidden, embd_channels, kernel_size=1),
             )
         else:
             raise ValueError(f"Unknown bottleneck_mode {bottleneck_mode!r}; expected one of {BOTTLENECK_MODES}")

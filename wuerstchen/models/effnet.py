@@ -206,11 +206,12 @@ class EfficientNetEncoder(nn.Module):
     table (used for small test models).
     """
 
-    def __init__(self, c_latent: int = 16, backbone_setting: Sequence[StageLike] | None = None):
+    def __init__(self, c_latent: int = 16, backbone_setting: Sequence[StageLike] | None = None,
+                 last_channel: int = BACKBONE_OUT_CHANNELS):
         super().__init__()
-        self.backbone = build_efficientnet_features(backbone_setting)
+        self.backbone = build_efficientnet_features(backbone_setting, last_channel=last_channel)
         self.mapper = nn.Sequential(
-            nn.Conv2d(BACKBONE_OUT_CHANNELS, c_latent, kernel_size=1, bias=False),
+            nn.Conv2d(last_channel, c_latent, kernel_size=1, bias=False),
             nn.BatchNorm2d(c_latent, affine=False),
         )
 
