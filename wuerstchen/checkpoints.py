@@ -267,7 +267,9 @@ def _detect_effnet(shapes: Shapes, metadata_cfg: Optional[dict]) -> Detection:
         cfg["backbone_setting"] = setting
     if metadata_cfg and "backbone_setting" in metadata_cfg:
         cfg["backbone_setting"] = metadata_cfg["backbone_setting"]
-    return Detection("effnet", "official" if "backbone_setting" not in cfg else "custom", cfg)
+    if shapes["mapper.0.weight"][1] != 1280:
+        cfg["last_channel"] = shapes["mapper.0.weight"][1]
+    return Detection("effnet", "official" if cfg == configs.EFFNET else "custom", cfg)
 
 
 def _detect_previewer(shapes: Shapes) -> Detection:
@@ -282,7 +284,7 @@ def _detect_controlnet(shapes: Shapes, metadata_cfg: Optional[dict]) -> Detectio
     c_proj = shapes["projections.0.2.weight"][0]
     if "backbone.0.0.weight" in shapes:
         mode, c_in = "effnet", shapes["backbone.0.0.weight"][1]
-    elif shapes.get("backbone.0.weight", (0,))[0] == 16384:
+    elif "backbone.3.blocks.0.weight" in shapes:  # the residual conv blocks of the 'large' bottleneck
         mode, c_in = "large", shapes["backbone.0.weight"][1]
     else:
         mode, c_in = "simple", shapes["backbone.0.weight"][1]
@@ -297,9 +299,24 @@ def _detect_controlnet(shapes: Shapes, metadata_cfg: Optional[dict]) -> Detectio
             "(the released ControlNets have 8)"
         )
     cfg = dict(c_in=c_in, c_proj=c_proj, proj_blocks=proj_blocks, bottleneck_mode=mode)
+    embd = shapes["projections.0.0.weight"][1]
+    if mode == "effnet":
+        setting = _effnet_setting(shapes, "backbone.")
+        if setting and [(s["input_channels"], s["out_channels"], s["num_layers"]) for s in setting] != _V2S_SETTING_CHANNELS:
+            cfg["backbone_setting"] = setting
+        if embd != 1280:
+            cfg["embd_channels"] = embd
+    elif mode == "large":
+        wide, hidden = shapes["backbone.0.weight"][0], shapes["backbone.2.weight"][0]
+        if (wide, hidden) != (16384, 1024):
+            cfg["large_hidden"] = [wide, hidden]
+        if embd != 1280:
+            cfg["embd_channels"] = embd
     variant = next((name for name, ref in configs.CONTROLNET.items() if ref == cfg), "custom")
     if variant == "custom" and mode == "effnet":
         variant = {1: "canny", 4: "inpainting"}.get(c_in, "custom")
+    elif variant == "custom" and mode == "large":
+        variant = "super_resolution"
     return Detection("controlnet", variant, cfg)
 
 
