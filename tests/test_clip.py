@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import PARITY_DIR, load_manifest, load_parity
 
-from wuerstchen.preprocess import PIPELINES, clip_preprocess, clip_preprocess_official, short_side_size
+from wuerstchen.preprocess import (PIPELINES, clip_preprocess, clip_preprocess_official,
+                                   short_side_size)
 from wuerstchen.text import (BIGG14_TEXT_CONFIG, CLIPTextEncoder, config_from_state_dict,
                              convert_text_state_dict, tokenize)
 from wuerstchen.tokenizer import CLIPTokenizer, parse_prompt_weights
@@ -171,8 +172,8 @@ def test_text_loading_with_prefixes_position_ids_and_dtype(text_parity, text_mod
         approx, _ = half.encode(io["call0.in.input_ids"], io["call0.in.attention_mask"])
     assert max_err(approx, io["call0.out.clip_text"]) < 0.5  # bf16 runs, roughly right
     with pytest.raises(KeyError, match="unexpected keys"):
-        CLIPTextEncoder.from_state_dict({**weights, "text_model.encoder.bogus.weight": torch.zeros(1)},
-                                        heads=4)
+        bogus = {**weights, "text_model.encoder.bogus.weight": torch.zeros(1)}
+        CLIPTextEncoder.from_state_dict(bogus, heads=4)
 
 
 def test_open_clip_layout_loads_and_matches_open_clip(text_parity, text_model):

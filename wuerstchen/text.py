@@ -85,7 +85,8 @@ def _hf_width(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 
 def convert_text_state_dict(sd: Mapping[str, torch.Tensor], prefix: str | None = None,
-                            dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
+                            dtype: torch.dtype | None = None,
+                            device=None) -> dict[str, torch.Tensor]:
     """Any supported layout -> this module's state dict (cast/moved tensor by tensor).
 
     The tower is found by its token-embedding key; ``prefix`` overrides that search.  Keys
@@ -223,8 +224,8 @@ class CLIPTextEncoder(nn.Module):
         extra = self.added_token_embedding
         limit = base + (0 if extra is None else extra.shape[0])
         if input_ids.numel() and (int(input_ids.max()) >= limit or int(input_ids.min()) < 0):
-            raise ValueError(f"token ids must lie in [0, {limit}); got up to "
-                             f"{int(input_ids.max())} (added words: {len(self.tokenizer.added_tokens)})")
+            raise ValueError(f"token ids must lie in [0, {limit}); got {int(input_ids.min())}.."
+                             f"{int(input_ids.max())} ({limit - base} added word(s))")
         if extra is None:
             return self.token_embedding(input_ids)
         embedded = self.token_embedding(input_ids.clamp(max=base - 1))
@@ -240,7 +241,8 @@ class CLIPTextEncoder(nn.Module):
             allowed = allowed & attention_mask.to(device=device).bool()[:, None, :]
             allowed = allowed.repeat_interleave(self.heads, 0)  # [B * heads, L, L]
         blocked = torch.finfo(dtype).min
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return bias.masked_fill_(~allowed, blocked)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> TextEncoding:
@@ -306,7 +308,8 @@ class CLIPTextEncoder(nn.Module):
             for s in starts:
                 windows.append(self.tokenizer.window(ids[s:s + MAX_CONTENT_TOKENS]))
                 chunk = token_weights[s:s + MAX_CONTENT_TOKENS]
-                window_weights.append([1.0, *chunk] + [1.0] * (self.context_length - 1 - len(chunk)))
+                padding = [1.0] * (self.context_length - 1 - len(chunk))
+                window_weights.append([1.0, *chunk, *padding])
             counts.append(len(starts))
         if len(set(counts)) > 1:
             raise ValueError(f"prompts need different numbers of 75-token windows ({counts}); "

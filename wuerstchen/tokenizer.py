@@ -13,6 +13,7 @@ ways, all reproduced here on top of open_clip's bundled BPE vocabulary (identica
 
 Words added with :meth:`CLIPTokenizer.add_tokens` behave like Hugging Face ``add_tokens``
 (non-special, matched on the normalised text) and get ids from 49408 on, in insertion order.
+:func:`parse_prompt_weights` reads ComfyUI's emphasis syntax; the text encoder applies it.
 """
 
 from __future__ import annotations

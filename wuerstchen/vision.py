@@ -62,7 +62,8 @@ class VisionEncoding(NamedTuple):
 
 
 def convert_vision_state_dict(sd: Mapping[str, torch.Tensor], prefix: str | None = None,
-                              dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
+                              dtype: torch.dtype | None = None,
+                              device=None) -> dict[str, torch.Tensor]:
     """HF (``vision_model.*``) or open_clip (``visual.*``) layout -> this module's state dict.
 
     The tower is found by its patch-embedding key (``prefix`` overrides); keys outside it, text
@@ -113,7 +114,8 @@ def vision_config_from_state_dict(sd: Mapping[str, torch.Tensor], prefix: str | 
     width, _, patch, _ = ours["visual.conv1.weight"].shape
     grid = math.isqrt(ours["visual.positional_embedding"].shape[0] - 1)
     if grid * grid + 1 != ours["visual.positional_embedding"].shape[0]:
-        raise ValueError("non-square position embedding: only square CLIP image towers are supported")
+        raise ValueError("non-square position embedding: only square CLIP image towers are "
+                         "supported")
     layers = 0
     while f"visual.transformer.resblocks.{layers}.ln_1.weight" in ours:
         layers += 1
