@@ -320,22 +320,55 @@ def _detect_controlnet(shapes: Shapes, metadata_cfg: Optional[dict]) -> Detectio
     return Detection("controlnet", variant, cfg)
 
 
-def _detect_clip_text(shapes: Shapes, prefix: str) -> Detection:
+def _meta_tensors(shapes: Shapes, prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: torch.empty(v, device="meta") for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _detect_clip_text(shapes: Shapes, prefix: str, hint: Optional[dict] = None) -> Detection:
     from . import text
 
-    cfg = text.config_from_state_dict({k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)})
-    width = cfg.get("width") or cfg.get("hidden_size")
-    variant = "bigG" if width == 1280 else ("custom" if width not in (768, 1024) else f"width{width}")
+    heads = (hint or {}).get("num_attention_heads")
+    sub = _meta_tensors(shapes, prefix)
+    if "text_projection.weight" not in sub and "text_projection" not in sub:
+        outside = _find_outside_projection(shapes, prefix)
+        if outside is not None:
+            key, transpose = outside
+            shape = tuple(shapes[key])
+            sub["text_projection.weight"] = torch.empty(shape[::-1] if transpose else shape, device="meta")
+    try:
+        cfg = text.config_from_state_dict(sub, heads=heads)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"a CLIP text encoder that Stable Cascade cannot use ({exc})") from None
+    width = cfg["width"]
+    variant = "bigG" if width == 1280 else ("CLIP-L" if width == 768 else "custom")
     return Detection("clip_text", variant, cfg, prefix)
 
 
-def _detect_clip_vision(shapes: Shapes, prefix: str) -> Detection:
+def _detect_clip_vision(shapes: Shapes, prefix: str, hint: Optional[dict] = None) -> Detection:
     from . import vision
 
-    cfg = vision.config_from_state_dict({k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)})
-    proj = cfg.get("projection_dim") or cfg.get("proj_dim")
-    variant = "ViT-L-14" if proj == 768 else f"proj{proj}"
+    heads = (hint or {}).get("num_attention_heads")
+    try:
+        cfg = vision.vision_config_from_state_dict(_meta_tensors(shapes, prefix), heads=heads)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"a CLIP image encoder that Stable Cascade cannot use ({exc})") from None
+    proj = cfg["projection_dim"]
+    variant = "ViT-L-14" if proj == 768 else ("ViT-bigG-14" if proj == 1280 else "custom")
     return Detection("clip_vision", variant, cfg, prefix)
+
+
+def _find_outside_projection(shapes: Shapes, prefix: str) -> Optional[Tuple[str, bool]]:
+    """ComfyUI-style checkpoints keep the text projection beside, not inside, the text tower."""
+    parent = prefix
+    for _ in range(4):
+        for cand, transpose in ((parent + "text_projection.weight", False), (parent + "text_projection", True)):
+            if cand in shapes:
+                return cand, transpose
+        if not parent:
+            break
+        parts = parent.rstrip(".").split(".")
+        parent = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
+    return None
 
 
 def _strip(shapes: Shapes, prefix: str) -> Dict[str, Tuple[int, ...]]:
@@ -377,15 +410,17 @@ def detect_parts(shapes: Shapes, metadata: Optional[Mapping[str, str]] = None) -
     seen_vision = any(d.kind == "clip_vision" for d in found)
     for key in shapes:
         if not seen_text and key.endswith("text_model.embeddings.token_embedding.weight"):
-            found.append(_detect_clip_text(shapes, key[: -len("text_model.embeddings.token_embedding.weight")]))
+            found.append(_detect_clip_text(shapes, key[: -len("text_model.embeddings.token_embedding.weight")],
+                                           hints.get("clip_text")))
             seen_text = True
         if not seen_vision and key.endswith("vision_model.embeddings.class_embedding"):
-            found.append(_detect_clip_vision(shapes, key[: -len("vision_model.embeddings.class_embedding")]))
+            found.append(_detect_clip_vision(shapes, key[: -len("vision_model.embeddings.class_embedding")],
+                                             hints.get("clip_vision")))
             seen_vision = True
     if not seen_text:
         for key in shapes:
             if key.endswith("token_embedding.weight") and key[: -len("token_embedding.weight")] + "ln_final.weight" in shapes:
-                found.append(_detect_clip_text(shapes, key[: -len("token_embedding.weight")]))
+                found.append(_detect_clip_text(shapes, key[: -len("token_embedding.weight")], hints.get("clip_text")))
                 break
     return found
 
@@ -565,19 +600,27 @@ def load_parts(
 
 
 def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detection, dtype, device) -> LoadedModel:
-    if det.kind == "clip_text":
-        from . import text
+    if det.kind in ("clip_text", "clip_vision"):
+        keys = [k for k in shapes if k.startswith(det.prefix)]
+        sd = src.read(keys, dtype=dtype, device=device, strip_prefix=det.prefix)
+        try:
+            if det.kind == "clip_text":
+                from .text import CLIPTextEncoder
 
-        sd = src.read([k for k in shapes if k.startswith(det.prefix)], dtype=dtype, device=device, strip_prefix=det.prefix)
-        sd.update(_text_projection_outside(src, shapes, det.prefix, dtype, device, sd))
-        module = text.load_text_encoder(sd, dtype=dtype, device=device, name=path.name)
-        return _finish(LoadedModel("clip_text", det.variant, det.config, module, path), dtype)
-    if det.kind == "clip_vision":
-        from . import vision
+                outside = None if ("text_projection.weight" in sd or "text_projection" in sd) else \
+                    _find_outside_projection(shapes, det.prefix)
+                if outside is not None:
+                    key, transpose = outside
+                    t = src.read([key], dtype=dtype, device=device)[key]
+                    sd["text_projection.weight"] = t.t().contiguous() if transpose else t
+                module = CLIPTextEncoder.from_state_dict(sd, dtype=dtype, device=device, heads=det.config["heads"])
+            else:
+                from .vision import CLIPVisionEncoder
 
-        sd = src.read([k for k in shapes if k.startswith(det.prefix)], dtype=dtype, device=device, strip_prefix=det.prefix)
-        module = vision.load_vision_encoder(sd, dtype=dtype, device=device, name=path.name)
-        return _finish(LoadedModel("clip_vision", det.variant, det.config, module, path), dtype)
+                module = CLIPVisionEncoder.from_state_dict(sd, dtype=dtype, device=device, heads=det.config["heads"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path.name}: cannot load {det.title}: {exc}") from None
+        return _finish(LoadedModel(det.kind, det.variant, det.config, module, path), dtype)
 
     sub_shapes = _strip(shapes, det.prefix)
     with torch.device("meta"):
@@ -592,20 +635,6 @@ def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detectio
 
 def _ignorable(key: str) -> bool:
     return key.endswith("position_ids")
-
-
-def _text_projection_outside(src, shapes, prefix, dtype, device, sd) -> Dict[str, torch.Tensor]:
-    """ComfyUI-style checkpoints keep the text projection beside, not inside, the text tower."""
-    if "text_projection.weight" in sd or "text_projection" in sd:
-        return {}
-    parent = prefix
-    for _ in range(3):
-        for cand, transpose in ((parent + "text_projection.weight", False), (parent + "text_projection", True)):
-            if cand in shapes:
-                t = src.read([cand], dtype=dtype, device=device)[cand]
-                return {"text_projection.weight": t.t().contiguous() if transpose else t}
-        parent = parent.rsplit(".", 2)[0] + "." if parent.count(".") >= 2 else ""
-    return {}
 
 
 def _materialize_leftover_meta(module: nn.Module, device) -> None:

@@ -107,18 +107,17 @@ def check_size(height: int, width: int, where: str = "size") -> None:
 
 def encode_text(text_encoder: nn.Module, prompts: Sequence[str]) -> Conditioning:
     """Official CLIP-G conditioning: hidden state before the final LayerNorm, and the pooled token."""
-    from . import text
-
-    clip_text, clip_text_pooled = text.encode_prompts(text_encoder, list(prompts))
+    clip_text, clip_text_pooled = text_encoder.encode_prompts(list(prompts))
     return Conditioning(clip_text.float().cpu(), clip_text_pooled.float().cpu())
 
 
 def encode_image_embeds(vision_encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """ViT-L/14 ``image_embeds`` [B, 768] of IMAGE-layout images [B, H, W, 3] in [0, 1]."""
-    from . import preprocess, vision
+    from . import preprocess
 
-    pixels = preprocess.clip_preprocess_official(images)
-    return vision.encode_images(vision_encoder, pixels).float().cpu()
+    param = _model_param(vision_encoder)
+    pixels = preprocess.clip_preprocess_official(images).to(param.device, param.dtype)
+    return vision_encoder.encode(pixels).float().cpu()
 
 
 def with_image_embeds(cond: Conditioning, embeds: torch.Tensor, strengths: Optional[Sequence[float]] = None) -> Conditioning:
