@@ -182,10 +182,18 @@ def test_end_to_end_with_parity_models(name):
     model = build_parity_model(meta)
     x_init, generator = seeded_start(meta, io)
     assert rel_err(x_init, io["x_init"]) < 1e-6
+    kw = meta["sample_kwargs"]
+    schedule = step_schedule(kw["timesteps"], shift=kw["shift"], t_start=kw["t_start"])
     results = list(sample_steps(model, x_init, cond, uncond, generator=generator, **sampling_args(meta)))
     for i, result in enumerate(results):
-        for key, ours in [("pred", result.eps), ("x0", result.x0), ("x", result.x)]:
-            assert rel_err(ours, io[f"step{i}.{key}"]) < 1e-3, (i, key)
+        assert rel_err(result.x0, io[f"step{i}.x0"]) < 1e-3, i
+        assert rel_err(result.x, io[f"step{i}.x"]) < 1e-3, i
+        # The networks embed r as sin/cos(r * 10000 * f), so a one-ulp change of r moves the raw
+        # prediction by about 1e-3 relative. float32 sigmoid is one ulp apart between this CPU and
+        # the reference's at stage_b step 3 (r = 0.25000009 vs 0.24999996); where r is bit-identical
+        # the prediction matches to about 1e-6. x0 and x are insensitive (b * Δpred << x).
+        r_identical = torch.equal(schedule.r[i].expand(kw["shape"][0]).repeat(2), io[f"step{i}.r"])
+        assert rel_err(result.eps, io[f"step{i}.pred"]) < (1e-3 if r_identical else 2e-3), i
     assert rel_err(results[-1].x0, io["final_x0"]) < 1e-3
 
 

@@ -66,7 +66,8 @@ def _pair_inputs(name: str, cond: Any, uncond: Any, batch: int, device: torch.de
         if uncond is None:
             uncond = torch.zeros_like(cond)
         if not (isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor)):
-            raise TypeError(f"model input {name!r}: cannot pair a tensor with {type(cond if not isinstance(cond, torch.Tensor) else uncond).__name__}")
+            other = uncond if isinstance(cond, torch.Tensor) else cond
+            raise TypeError(f"model input {name!r}: cannot pair a tensor with a {type(other).__name__}")
         cond, uncond = _fit_batch(cond, batch, device), _fit_batch(uncond, batch, device)
         if cond.shape[1:] != uncond.shape[1:]:
             raise ValueError(f"model input {name!r}: cond shape {tuple(cond.shape)} and uncond shape "
