@@ -210,6 +210,38 @@ def test_key_spellings_land_on_the_right_rows(stage_c, key_down, key_up, alpha, 
     assert torch.equal(params[param].detach(), base)
 
 
+@pytest.mark.parametrize("module", [
+    "lora_te_text_model_encoder_layers_2_self_attn_out_proj",  # kohya
+    "lora_prior_te_text_model_encoder_layers_2_self_attn_out_proj",  # OneTrainer
+    "clip_g.text_model.encoder.layers.2.self_attn.out_proj",  # OneTrainer OMI
+])
+def test_text_key_spellings_name_hugging_face_keys(module):
+    tensors = {f"{module}.lora_down.weight": torch.zeros(2, 24), f"{module}.lora_up.weight": torch.zeros(24, 2),
+               "text_encoder.text_model.encoder.layers.0.mlp.fc2.lora_A.weight": torch.zeros(2, 64),
+               "text_encoder.text_model.encoder.layers.0.mlp.fc2.lora_B.weight": torch.zeros(24, 2),
+               "lora_te_text_projection.lora_down.weight": torch.zeros(2, 24),
+               "lora_te_text_projection.lora_up.weight": torch.zeros(24, 2)}
+    lora = parse_lora(tensors)
+    assert sorted(d.target for d in lora.text) == ["text_model.encoder.layers.0.mlp.fc2.weight",
+                                                   "text_model.encoder.layers.2.self_attn.out_proj.weight",
+                                                   "text_projection.weight"]
+    assert not lora.stage_c
+
+
+def test_peft_alpha_from_diffusers_metadata():
+    import json
+
+    tensors = {"prior.clip_txt_mapper.lora_A.weight": torch.zeros(4, 24),
+               "prior.clip_txt_mapper.lora_B.weight": torch.zeros(40, 4),
+               "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 24),
+               "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.zeros(64, 4)}
+    metadata = {"lora_adapter_metadata": json.dumps({"prior.r": 4, "prior.lora_alpha": 8,
+                                                     "text_encoder.r": 4, "text_encoder.lora_alpha": 2})}
+    lora = parse_lora(tensors, metadata=metadata)
+    assert [d.scale for d in lora.stage_c] == [2.0] and [d.scale for d in lora.text] == [0.5]
+    assert [d.scale for d in parse_lora(tensors).stage_c] == [1.0]
+
+
 def test_conv_lora_on_a_1x1_convolution(stage_c):
     gen = torch.Generator().manual_seed(5)
     down, up = torch.randn(2, 16, 1, 1, generator=gen), torch.randn(32, 2, 1, 1, generator=gen)
@@ -408,6 +440,9 @@ def test_full_size_lora_on_lite_model_says_which_is_which():
     message = str(err.value)
     assert "0 of 8 Stage C modules match Stage C lite (1B) (attention width 1536, 32 attention blocks)" in message
     assert "It looks like a LoRA for Stage C (3.6B) (width 2048)" in message
+    official_lite = parse_lora(write_tiny_lora(None, "official", lite), name="lite.safetensors")
+    with pytest.raises(LoraError, match=r"64 weights is what Stage C lite \(1B\) has"):
+        apply_loras(full, [(official_lite, 1.0)])
 
 
 def test_partly_matching_lora_needs_strict_false(stage_c, tmp_path):

@@ -28,7 +28,6 @@ from .lora_formats import (
     OFFICIAL_INDICES,
     OFFICIAL_MODULE_FILTERS,
     OFFICIAL_WEIGHT_KEY,
-    QKV,
     UNSUPPORTED_KINDS,
     ModuleTarget,
     describe_foreign_lora,
@@ -200,7 +199,9 @@ def load_lora(path: Union[str, os.PathLike], *, token_words: Optional[Mapping[in
     """Read a LoRA file (.safetensors, or a plain tensor .pt/.ckpt read with weights_only).
 
     ``token_words`` names the official trainer's new tokens by their index (its ``info.json``
-    lists them as ``train_tokens``); unnamed ones become ``<lora_token_INDEX>``.
+    lists them as ``train_tokens``); unnamed ones become ``<lora_token_INDEX>``. The trainer
+    saves only what it learned on top of a new token's starting vector (zeros, or the mean of
+    the rows its config's regex picked), so such a token's vector is that learned part.
     """
     from .weights_io import WeightFileError, WeightSource
 
@@ -213,24 +214,28 @@ def load_lora(path: Union[str, os.PathLike], *, token_words: Optional[Mapping[in
     return parse_lora(tensors, name=path.name, metadata=dict(source.metadata), token_words=token_words)
 
 
-def _peft_alpha_scale(metadata: Mapping[str, str]) -> Optional[float]:
-    """lora_alpha / r from diffusers' ``lora_adapter_metadata`` header, when it is global."""
+def _peft_alpha_scales(metadata: Mapping[str, str]) -> Dict[str, float]:
+    """lora_alpha / r per component ("" = global) from diffusers' ``lora_adapter_metadata`` header.
+
+    diffusers stores each component's peft config with its prefix (``transformer.lora_alpha``,
+    ``text_encoder.r``); per-module ``alpha_pattern`` / ``rank_pattern`` overrides are not read.
+    """
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
-        return None
+        return {}
     try:
         meta = json.loads(raw)
     except (TypeError, ValueError):
-        return None
-    alpha = rank = None
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    found: Dict[str, Dict[str, float]] = {}
     for key, value in meta.items():
-        if key.split(".")[-1] == "lora_alpha":
-            alpha = value
-        elif key.split(".")[-1] == "r":
-            rank = value
-    if isinstance(alpha, (int, float)) and isinstance(rank, (int, float)) and rank:
-        return float(alpha) / float(rank)
-    return None
+        prefix, _, field_name = key.rpartition(".")
+        if field_name in ("lora_alpha", "r") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.setdefault(prefix, {})[field_name] = float(value)
+    return {prefix: v["lora_alpha"] / v["r"] for prefix, v in found.items()
+            if "lora_alpha" in v and v.get("r")}
 
 
 def _group_module(name: str, kinds: Dict[str, torch.Tensor], target: ModuleTarget,
@@ -250,6 +255,8 @@ def _group_module(name: str, kinds: Dict[str, torch.Tensor], target: ModuleTarge
             raise LoraError(f"LoRA module {name}: up {list(up.shape)} and down {list(down.shape)} "
                             "do not multiply (their rank dimensions differ)")
         rank = int(down.shape[0])
+        if rank == 0:
+            raise LoraError(f"LoRA module {name} has rank 0")
         scale = float(kinds["alpha"].item()) / rank if "alpha" in kinds else default_scale
         deltas.append(WeightDelta(target.weight, name, scale, up=up, down=down, rows=rows_for(up.shape[0])))
     if "diff" in kinds:
@@ -276,6 +283,7 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], *, name: str = "LoRA",
 
     groups: Dict[str, Dict[str, torch.Tensor]] = {}
     group_keys: Dict[str, List[str]] = {}
+    peft_modules = set()  # modules written with lora_A / lora_B (peft) names
     official: Dict[int, Dict[str, torch.Tensor]] = {}
     bundles: Dict[str, Dict[str, torch.Tensor]] = {}
     unsupported: Dict[str, str] = {}
@@ -296,10 +304,12 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], *, name: str = "LoRA",
         if split is None:
             unrecognized.append(key)
             continue
-        module, kind, _ = split
+        module, kind, scheme = split
         if kind in UNSUPPORTED_KINDS:
             unsupported.setdefault(kind, key)
             continue
+        if scheme == "peft":
+            peft_modules.add(module)
         groups.setdefault(module, {})[kind] = tensor
         group_keys.setdefault(module, []).append(key)
 
@@ -308,7 +318,7 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], *, name: str = "LoRA",
         raise LoraError(f"{name}: uses {kinds} (e.g. key {next(iter(unsupported.values()))}); only plain "
                         "LoRA (lora_down/lora_up or lora_A/lora_B, optional alpha) is supported")
 
-    default_scale = _peft_alpha_scale(metadata) or 1.0
+    peft_scales = _peft_alpha_scales(metadata)
     stage_c: List[WeightDelta] = []
     text: List[WeightDelta] = []
     namings: Dict[str, int] = {}
@@ -321,11 +331,13 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], *, name: str = "LoRA",
         if set(kinds) <= {"alpha"}:
             unrecognized.extend(group_keys[module])
             continue
-        scheme = "peft" if any(".lora_A" in k or ".lora_B" in k or ".lora." in k for k in group_keys[module]) else ""
-        fmt = {"kohya": "kohya", "onetrainer": "onetrainer"}.get(naming)
-        if fmt is None:
-            fmt = "onetrainer" if naming == "omi" and not scheme else "diffusers"
+        if naming in ("kohya", "onetrainer"):
+            fmt = naming
+        else:  # OneTrainer's OMI files are dotted but keep lora_down / lora_up
+            fmt = "onetrainer" if naming == "omi" and module not in peft_modules else "diffusers"
         namings[fmt] = namings.get(fmt, 0) + 1
+        component = module.split(".", 1)[0] if "." in module else ""
+        default_scale = peft_scales.get(component, peft_scales.get("", 1.0))
         deltas = _group_module(module, kinds, target, default_scale)
         (stage_c if target.part == "stage_c" else text).extend(deltas)
 
@@ -643,8 +655,9 @@ class LoraPatch:
         params = dict(self.model.named_parameters())
         for name in self._originals:
             if params[name].data_ptr() != self._installed[name]:
-                raise LoraError(f"{name} was changed after this LoRA patch was applied (another patch on top?); "
-                                "unpatch the most recent patch first")
+                raise LoraError(f"{name} was replaced after this LoRA patch was applied (by another patch on top, "
+                                "or by moving the model to another device or dtype); unpatch the most recent "
+                                "patch first, and move a model only while it is unpatched")
         for name, original in self._originals.items():
             params[name].data = original
         if self._words:
