@@ -50,6 +50,7 @@ __all__ = [
     "official_lora_modules",
     "stage_c_deltas",
     "patched_tensors",
+    "check_lora",
     "apply_loras",
     "write_tiny_lora",
 ]
@@ -816,3 +817,11 @@ def _save(tensors: Mapping[str, torch.Tensor], path, fmt: str) -> None:
     from .weights_io import save_safetensors
 
     save_safetensors(tensors, path, metadata={"wuerstchen_tiny_lora_format": fmt})
+
+
+def check_lora(model: nn.Module, lora: LoraFile, part: str = "stage_c", *,
+               module_filters: Sequence[str] = OFFICIAL_MODULE_FILTERS) -> LoraMatch:
+    """Raise :class:`LoraError` now if ``lora`` does not fit ``model``; nothing is computed or patched."""
+    params = dict(model.named_parameters())
+    _, report = _plan(model, params, [(lora, 1.0)], part, module_filters, True)
+    return report[0]

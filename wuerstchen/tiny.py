@@ -201,7 +201,7 @@ def write_tiny_models(root, seed: int = 0) -> List[Path]:
     save("stable_cascade_stage_b.safetensors", _cast(comfy_b, torch.bfloat16),
          _meta(stage_b=STAGE_B, stage_a=STAGE_A, **text_hint))
 
-    written.extend(write_tiny_loras(root / "loras", seed=seed + 40))
+    written.extend(write_tiny_loras(root, seed=seed + 40))
     return written
 
 

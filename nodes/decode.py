@@ -1,0 +1,62 @@
+"""Decoding nodes: Stage A (VQGAN) to pixels, and the fast Stage C previewer."""
+
+from __future__ import annotations
+
+import torch
+
+from wuerstchen import pipeline
+
+from . import handles as H
+from .host import Progress, manager
+from .latents import stage_b_from_comfy
+from .loaders import require
+
+CATEGORY = "wuerstchen/decode"
+AUTO_TILE_CELLS = 192 * 192  # above this many latent cells, decode in tiles
+
+
+class WuerstchenStageADecode:
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Decodes a Stage B latent to an image with the Stage A VQGAN; large images are decoded in tiles."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "stage_a": (H.STAGE_A, {"tooltip": "Stage A (VQGAN)."}),
+            "latent": ("LATENT", {"tooltip": "Stage B latent (Stage B sampler, or ComfyUI's Stable Cascade KSampler)."}),
+            "tile_size": ("INT", {"default": 0, "min": 0, "max": 1024, "step": 16,
+                                  "tooltip": "Latent tile size; 0 = automatic (tiles only for large images). "
+                                             "Lower it if decoding runs out of memory."}),
+        }}
+
+    def decode(self, stage_a, latent, tile_size):
+        sa = require(stage_a, "stage_a", "WuerstchenStageADecode", "stage_a")
+        x = stage_b_from_comfy(latent["samples"])
+        h, w = x.shape[-2:]
+        tile = tile_size or (128 if h * w > AUTO_TILE_CELLS else 0)
+        progress = Progress(1)
+        with manager().running(sa.model), torch.no_grad():
+            images = pipeline.decode_stage_a(sa.module, x, tile=tile, callback=lambda i, n: progress(i, n))
+        return (pipeline.to_image_layout(images),)
+
+
+class WuerstchenPreviewDecode:
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Fast preview of a Stage C latent with the previewer model (8x the latent size)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "previewer": (H.PREVIEWER, {"tooltip": "The Stage C previewer."}),
+            "latent": ("LATENT", {"tooltip": "Stage C latent."}),
+        }}
+
+    def decode(self, previewer, latent):
+        pv = require(previewer, "previewer", "WuerstchenPreviewDecode", "previewer")
+        with manager().running(pv.model):
+            images = pipeline.preview_stage_c(pv.module, latent["samples"])
+        return (pipeline.to_image_layout(images),)

@@ -1,0 +1,152 @@
+"""Loader nodes: pick a file from ComfyUI's model folders; it is identified by its contents."""
+
+from __future__ import annotations
+
+import torch
+
+from wuerstchen.checkpoints import KIND_TITLES, CheckpointError
+
+from . import handles as H
+from .host import NodeError, list_models, manager, resolve_model
+
+CATEGORY = "wuerstchen/loaders"
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_TIP = ("Weights dtype. auto: bf16 on GPUs that support it, fp16 (with the overflow guard) on older GPUs, "
+             "fp32 on CPU.")
+
+
+def load_kind(node: str, role: str, name: str, kind: str, dtype: str = "auto"):
+    path = resolve_model(role, name)
+    try:
+        return manager().load(path, [kind], DTYPES[dtype])
+    except CheckpointError as exc:
+        raise NodeError(f"{node}: {exc}") from None
+
+
+def _file_input(role: str, tip: str):
+    return (list_models(role), {"tooltip": tip})
+
+
+class _SingleLoader:
+    """One file -> one network of ``KIND``."""
+
+    ROLE = KIND = OUTPUT = TIP = ""
+    WITH_DTYPE = False
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {"model_name": _file_input(cls.ROLE, cls.TIP)}
+        if cls.WITH_DTYPE:
+            required["dtype"] = (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TIP})
+        return {"required": required}
+
+    def load(self, model_name, dtype="auto"):
+        return (H.ModelHandle(load_kind(type(self).__name__, self.ROLE, model_name, self.KIND, dtype)),)
+
+
+class WuerstchenStageCLoader(_SingleLoader):
+    ROLE = KIND = "stage_c"
+    RETURN_TYPES = (H.STAGE_C,)
+    RETURN_NAMES = ("stage_c",)
+    WITH_DTYPE = True
+    TIP = "Stage C file: stage_c.safetensors, stage_c_bf16, stage_c_lite, stage_c_lite_bf16 (or any file holding one)."
+    DESCRIPTION = "Loads Stable Cascade's Stage C, the text-conditional prior (3.6B or 1B lite)."
+
+
+class WuerstchenStageBLoader(_SingleLoader):
+    ROLE = KIND = "stage_b"
+    RETURN_TYPES = (H.STAGE_B,)
+    RETURN_NAMES = ("stage_b",)
+    WITH_DTYPE = True
+    TIP = "Stage B file: stage_b.safetensors, stage_b_bf16, stage_b_lite, stage_b_lite_bf16."
+    DESCRIPTION = "Loads Stable Cascade's Stage B, which turns a Stage C latent into a VQGAN latent."
+
+
+class WuerstchenStageALoader(_SingleLoader):
+    ROLE = KIND = "stage_a"
+    RETURN_TYPES = (H.STAGE_A,)
+    RETURN_NAMES = ("stage_a",)
+    TIP = "Stage A file: stage_a.safetensors (the VQGAN)."
+    DESCRIPTION = "Loads Stage A, the VQGAN that decodes Stage B latents to pixels."
+
+
+class WuerstchenSemanticCompressorLoader(_SingleLoader):
+    ROLE = KIND = "effnet"
+    RETURN_TYPES = (H.EFFNET,)
+    RETURN_NAMES = ("semantic_compressor",)
+    TIP = "effnet_encoder.safetensors (also found inside ComfyUI's combined effnet+previewer VAE file)."
+    DESCRIPTION = "Loads the EfficientNetV2-S semantic compressor that encodes images into Stage C latents."
+
+
+class WuerstchenPreviewerLoader(_SingleLoader):
+    ROLE = KIND = "previewer"
+    RETURN_TYPES = (H.PREVIEWER,)
+    RETURN_NAMES = ("previewer",)
+    TIP = "previewer.safetensors (also found inside ComfyUI's combined effnet+previewer VAE file)."
+    DESCRIPTION = "Loads the Stage C previewer for fast previews of Stage C latents."
+
+
+class WuerstchenCLIPTextLoader(_SingleLoader):
+    ROLE = KIND = "clip_text"
+    RETURN_TYPES = (H.CLIP_TEXT,)
+    RETURN_NAMES = ("clip",)
+    WITH_DTYPE = True
+    TIP = "CLIP ViT-bigG-14 text encoder: text_encoder/model.safetensors of the release (Hugging Face or open_clip layout)."
+    DESCRIPTION = "Loads the CLIP-G text encoder with the official tokenizer behaviour."
+
+
+class WuerstchenCLIPVisionLoader(_SingleLoader):
+    ROLE = KIND = "clip_vision"
+    RETURN_TYPES = (H.CLIP_VISION,)
+    RETURN_NAMES = ("clip_vision",)
+    TIP = "CLIP ViT-L/14 image encoder: image_encoder/model.safetensors of stable-cascade-prior (same file as ComfyUI's clip_vision)."
+    DESCRIPTION = "Loads the ViT-L/14 image encoder used for image variations."
+
+
+class WuerstchenControlNetLoader(_SingleLoader):
+    ROLE = KIND = "controlnet"
+    RETURN_TYPES = (H.CONTROLNET,)
+    RETURN_NAMES = ("controlnet",)
+    TIP = "A Stable Cascade ControlNet: controlnet/canny, inpainting or super_resolution.safetensors."
+    DESCRIPTION = "Loads a Stage C ControlNet (canny, inpainting/outpainting, super-resolution)."
+
+
+CHECKPOINT_PARTS = ("stage_c", "stage_b", "stage_a", "effnet", "previewer", "clip_text", "clip_vision")
+
+
+class WuerstchenCheckpointLoader:
+    """ComfyUI's single-file Stable Cascade checkpoints hold several networks; return them all."""
+
+    RETURN_TYPES = (H.STAGE_C, H.STAGE_B, H.STAGE_A, H.EFFNET, H.PREVIEWER, H.CLIP_TEXT, H.CLIP_VISION)
+    RETURN_NAMES = ("stage_c", "stage_b", "stage_a", "semantic_compressor", "previewer", "clip", "clip_vision")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads stable_cascade_stage_c.safetensors / stable_cascade_stage_b.safetensors (the release's "
+                   "ComfyUI checkpoints). Outputs that the file does not contain stay unconnected-empty.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ckpt_name": _file_input("checkpoint", "A single-file checkpoint: stable_cascade_stage_c or stable_cascade_stage_b."),
+            "dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TIP}),
+        }}
+
+    def load(self, ckpt_name, dtype="auto"):
+        path = resolve_model("checkpoint", ckpt_name)
+        try:
+            parts = manager().load_parts(path, CHECKPOINT_PARTS, DTYPES[dtype])
+        except CheckpointError as exc:
+            raise NodeError(f"WuerstchenCheckpointLoader: {exc}") from None
+        return tuple(H.ModelHandle(parts[k]) if k in parts else None for k in CHECKPOINT_PARTS)
+
+
+def require(handle, kind: str, node: str, socket: str):
+    """The model behind a socket, or a clear message when a checkpoint output was empty."""
+    if handle is None:
+        raise NodeError(f"{node}: nothing arrives at '{socket}'. The checkpoint wired there has no "
+                        f"{KIND_TITLES[kind]}; load one with its own loader.")
+    if handle.model.kind != kind:
+        raise NodeError(f"{node}: '{socket}' expects {KIND_TITLES[kind]}, got {handle.model.title}")
+    return handle
