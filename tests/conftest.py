@@ -2,11 +2,14 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `import wuerstchen` / `import nodes` from a plain checkout
+    sys.path.insert(0, str(REPO_ROOT))
 REFERENCE_DIR = Path(os.environ.get("WUERSTCHEN_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
 PARITY_DIR = REFERENCE_DIR / "parity"
 MANIFEST_DIR = REFERENCE_DIR / "manifests"
