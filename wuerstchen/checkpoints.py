@@ -466,7 +466,7 @@ def describe_foreign(shapes: Shapes) -> str:
 
     if any_key("lora_down", "lora_up", "lora_A", "lora_B", ".alpha"):
         return "a LoRA (load it with the Wuerstchen LoRA loader, not as a model)"
-    if any_key("projection.weight") and any_key("cond_mapper.0.weight") and any_key("blocks.0.kv_mapper"):
+    if any_key("projection.weight") and any_key("cond_mapper.0.weight") and any_key(".kv_mapper."):
         return "a Würstchen v2 prior (warp-ai/wuerstchen-prior), not Stable Cascade's Stage C"
     if any_key("clip_mapper.weight") and any_key("effnet_mappers."):
         return "a Würstchen v2 decoder (warp-ai/wuerstchen), not Stable Cascade's Stage B"
