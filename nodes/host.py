@@ -124,6 +124,7 @@ def manager() -> ModelManager:
 
 
 def _folder_dirs(folder: str) -> List[Path]:
+    state()  # in ComfyUI, creating the state registers models/wuerstchen with folder_paths
     if IN_COMFYUI:
         try:
             return [Path(p) for p in folder_paths.get_folder_paths(folder)]
@@ -186,6 +187,7 @@ def list_models(role: str) -> List[str]:
     Our own ``models/wuerstchen`` folder holds every kind of file, so there only the files whose
     header shows the loader's kind are offered; ComfyUI's typed folders are listed as they are.
     """
+    state()  # registers models/wuerstchen before the first listing (object_info comes before any load)
     seen: Dict[str, None] = {}
     for folder in FOLDERS[role]:
         if IN_COMFYUI:
