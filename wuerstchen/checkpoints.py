@@ -623,8 +623,14 @@ def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detectio
         return _finish(LoadedModel(det.kind, det.variant, det.config, module, path), dtype)
 
     sub_shapes = _strip(shapes, det.prefix)
-    with torch.device("meta"):
-        module = build_module(det.kind, det.config)
+    try:
+        with torch.device("meta"):
+            module = build_module(det.kind, det.config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path.name}: cannot build {det.title} from the config read off its shapes ({exc}); a "
+            f"non-official model needs its config in the file's '{CONFIG_METADATA_KEY}' metadata"
+        ) from None
     module_keys = list(module.state_dict().keys())
     _check_shapes(module, {k: v for k, v in sub_shapes.items() if not _ignorable(k)}, path.name, det.title)
     sd = src.read([det.prefix + k for k in module_keys], dtype=dtype, device=device, strip_prefix=det.prefix)
