@@ -123,29 +123,39 @@ class SafetensorsFile:
     ) -> Dict[str, torch.Tensor]:
         """Read tensors (all, or ``keys``), casting floating ones to ``dtype`` and moving to ``device``.
 
-        Each tensor is read once into a buffer of its file dtype; when neither a cast nor a move
-        is needed that buffer is the result, so peak memory stays at the size of what is read.
+        Each tensor is read once. When neither a cast nor a move is needed it is read straight
+        into its result; otherwise it passes through one staging buffer reused for every tensor, so
+        peak memory is the results plus the largest staged tensor (fresh temporaries per tensor
+        fragment the C heap and can keep several of them resident).
         """
         device = torch.device(device)
         wanted = list(self.tensors) if keys is None else list(keys)
+
+        def staged(info: TensorInfo) -> bool:
+            cast = dtype is not None and info.dtype.is_floating_point and info.dtype != dtype
+            return cast or device.type != "cpu"
+
+        staging_bytes = max((self.tensors[k].nbytes for k in wanted if staged(self.tensors[k])), default=0)
+        staging = torch.empty(staging_bytes, dtype=torch.uint8) if staging_bytes else None
         out: Dict[str, torch.Tensor] = {}
         with open(self.path, "rb", buffering=0) as fh:
             for key in sorted(wanted, key=lambda k: self.tensors[k].start):
                 info = self.tensors[key]
-                tensor = torch.empty(info.shape, dtype=info.dtype)
+                is_staged = staged(info)
+                raw = staging[: info.nbytes] if is_staged else torch.empty(info.nbytes, dtype=torch.uint8)
                 if info.nbytes:
                     fh.seek(info.start)
-                    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+                    view = memoryview(raw.numpy())
                     got = 0
                     while got < info.nbytes:
                         n = fh.readinto(view[got:])
                         if not n:
                             raise WeightFileError(f"{self.path.name}: file ended while reading {key!r}")
                         got += n
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(device=device, dtype=dtype)
-                elif tensor.device != device:
-                    tensor = tensor.to(device=device)
+                tensor = raw.view(info.dtype).view(info.shape)
+                if is_staged:  # a copy: the staging buffer is overwritten by the next tensor
+                    cast = dtype if info.dtype.is_floating_point and dtype is not None else info.dtype
+                    tensor = tensor.to(device=device, dtype=cast, copy=True)
                 out_key = key[len(strip_prefix):] if strip_prefix and key.startswith(strip_prefix) else key
                 out[out_key] = tensor
         return out
