@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO_ROOT, load_manifest
+from conftest import MANIFEST_DIR, REPO_ROOT, load_manifest
 from wuerstchen import checkpoints, tiny, weights_io
 from wuerstchen.checkpoints import CheckpointError
 
@@ -504,3 +504,24 @@ def test_reader_peak_memory_is_output_plus_one_tensor(fp32_50mb):
     # results plus one fp32 tensor in flight (and a little allocator slack).
     assert result["peak_increase"] <= result["kept"] + largest + 4 * 2**20, (result, file_size)
     assert result["peak_increase"] < 0.75 * file_size
+
+
+def test_diffusers_vqgan_codebook_name_loads_as_stage_a(tmp_path):
+    """stable-cascade's vqgan/ folder (diffusers layout) names the codebook vquantizer.embedding."""
+    import json as _json
+
+    from wuerstchen import checkpoints as ck
+    from wuerstchen import tiny as _tiny
+    from wuerstchen.weights_io import save_safetensors as _save
+
+    manifest = _json.loads((MANIFEST_DIR / "wuerstchen_v2_vqgan.json").read_text())
+    shapes = {k: tuple(v[0]) for k, v in manifest["keys"].items()}
+    (det,) = ck.detect_parts(shapes)
+    assert det.kind == "stage_a" and det.config["codebook_size"] == 8192
+    state = _tiny._random_module_state("stage_a", _tiny.STAGE_A, 0)
+    state["vquantizer.embedding.weight"] = state.pop("vquantizer.codebook.weight")
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    _save(state, path)
+    loaded = ck.load(path)
+    assert loaded.kind == "stage_a"
+    assert torch.equal(loaded.module.vquantizer.codebook.weight, state["vquantizer.embedding.weight"])

@@ -214,7 +214,7 @@ def _detect_stage_b(shapes: Shapes, hint: Optional[dict] = None) -> Detection:
 
 
 def _detect_stage_a(shapes: Shapes) -> Detection:
-    codebook_size, c_latent = shapes["vquantizer.codebook.weight"]
+    codebook_size, c_latent = shapes.get("vquantizer.codebook.weight") or shapes["vquantizer.embedding.weight"]
     c_first = shapes["in_block.1.weight"][0]
     # Down path: one ResBlock per level (convs between); the bottleneck ResBlocks sit in the up path.
     levels = len({k.split(".")[1] for k in shapes if k.startswith("down_blocks.") and k.endswith(".gammas")})
@@ -443,7 +443,8 @@ def _detect_single(shapes: Shapes, hints: Dict[str, dict]) -> Optional[Detection
             return _detect_stage_c(shapes, hints.get("stage_c"))
         if _has(shapes, "effnet_mapper.0.weight", "pixels_mapper.0.weight", "clip_mapper.weight"):
             return _detect_stage_b(shapes, hints.get("stage_b"))
-        if _has(shapes, "vquantizer.codebook.weight", "in_block.1.weight"):
+        if _has(shapes, "in_block.1.weight") and ("vquantizer.codebook.weight" in shapes
+                                                  or "vquantizer.embedding.weight" in shapes):
             return _detect_stage_a(shapes)
         if _has(shapes, "projections.0.0.weight", "projections.0.2.weight") and any(k.startswith("backbone.") for k in shapes):
             return _detect_controlnet(shapes, hints.get("controlnet"))
@@ -632,11 +633,20 @@ def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detectio
             f"non-official model needs its config in the file's '{CONFIG_METADATA_KEY}' metadata"
         ) from None
     module_keys = list(module.state_dict().keys())
-    _check_shapes(module, {k: v for k, v in sub_shapes.items() if not _ignorable(k)}, path.name, det.title)
-    sd = src.read([det.prefix + k for k in module_keys], dtype=dtype, device=device, strip_prefix=det.prefix)
+    # File key for each module key (diffusers' VQGAN names the codebook differently).
+    file_key = {k: _ALIASES.get(k, k) if _ALIASES.get(k, k) in sub_shapes and k not in sub_shapes else k
+                for k in module_keys}
+    renamed = {next((m for m, f in file_key.items() if f == k), k): v for k, v in sub_shapes.items()}
+    _check_shapes(module, {k: v for k, v in renamed.items() if not _ignorable(k)}, path.name, det.title)
+    raw = src.read([det.prefix + file_key[k] for k in module_keys], dtype=dtype, device=device, strip_prefix=det.prefix)
+    sd = {k: raw[file_key[k]] for k in module_keys}
     module.load_state_dict(sd, strict=True, assign=True)
     _materialize_leftover_meta(module, device)
     return _finish(LoadedModel(det.kind, det.variant, det.config, module, path), dtype)
+
+
+# Our key -> another layout's spelling of the same tensor.
+_ALIASES = {"vquantizer.codebook.weight": "vquantizer.embedding.weight"}
 
 
 def _ignorable(key: str) -> bool:
