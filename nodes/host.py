@@ -75,6 +75,10 @@ class ComfyHooks(ManagerHooks):
             return False
         return bool(comfy_mm.should_use_bf16(device))
 
+    def keep_resident(self) -> bool:
+        low = {getattr(comfy_mm.VRAMState, n) for n in ("LOW_VRAM", "NO_VRAM", "DISABLED") if hasattr(comfy_mm.VRAMState, n)}
+        return comfy_mm.vram_state not in low
+
 
 @dataclass
 class PackState:

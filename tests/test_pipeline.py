@@ -198,3 +198,19 @@ def test_cli_tiny_models_writes_every_official_name(tmp_path):
                  "image_encoder/model", "controlnet/canny", "controlnet/inpainting", "controlnet/super_resolution",
                  "stable_cascade_stage_c", "stable_cascade_stage_b", "wuerstchen_tiny_lora"):
         assert (tmp_path / f"{name}.safetensors").exists(), name
+
+
+def test_manager_offloads_right_after_running_in_low_vram_mode(tiny_dir, monkeypatch):
+    from wuerstchen import management
+
+    placed = {}
+    monkeypatch.setattr(management, "module_device", lambda m: placed.get(id(m), torch.device("cpu")))
+    mgr = ModelManager(device="cuda")
+    monkeypatch.setattr(mgr.hooks, "keep_resident", lambda: False)
+    monkeypatch.setattr(mgr.hooks, "free_memory", lambda n, d: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    c = mgr.load(tiny_dir / "stage_c_lite.safetensors", ["stage_c"], torch.float32)
+    monkeypatch.setattr(type(c.module), "to", lambda self, d, *a, **k: placed.__setitem__(id(self), torch.device(d)) or self)
+    with mgr.running(c):
+        assert placed[id(c.module)].type == "cuda"
+    assert placed[id(c.module)].type == "cpu" and mgr.resident() == []

@@ -53,6 +53,11 @@ class ManagerHooks:
             return torch.cuda.is_bf16_supported()
         return device.type == "cpu"
 
+    def keep_resident(self) -> bool:
+        """Leave a model on the compute device after it ran (fast re-runs), or offload it at once
+        (low-VRAM setups, where other programs' models need the room)."""
+        return True
+
 
 def module_bytes(module: nn.Module) -> int:
     total = 0
@@ -179,7 +184,14 @@ class ModelManager:
                     m.module.to(device)
                 self._resident[id(m.module)] = m
                 self._resident.move_to_end(id(m.module))
-        yield device
+        try:
+            yield device
+        finally:
+            if device.type != "cpu" and not self.hooks.keep_resident():
+                with self._lock:
+                    for m in models:
+                        self._resident.pop(id(m.module), None)
+                        m.module.to(self.hooks.offload_device())
 
     def _evict_for(self, needed: int, keep: set, device: torch.device) -> None:
         if device.type == "cpu":
