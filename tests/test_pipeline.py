@@ -214,3 +214,24 @@ def test_manager_offloads_right_after_running_in_low_vram_mode(tiny_dir, monkeyp
     with mgr.running(c):
         assert placed[id(c.module)].type == "cuda"
     assert placed[id(c.module)].type == "cpu" and mgr.resident() == []
+
+
+def test_interrupt_hook_stops_generation_within_a_step(tiny_dir):
+    from wuerstchen.management import ManagerHooks
+    from wuerstchen.sampling import SamplingInterrupted
+
+    class StopAfterTwo(ManagerHooks):
+        calls = 0
+
+        def compute_device(self):
+            return torch.device("cpu")
+
+        def check_interrupt(self):
+            StopAfterTwo.calls += 1
+            if StopAfterTwo.calls >= 2:
+                raise SamplingInterrupted("cancelled")
+
+    cascade = Cascade(CascadeFiles.from_dir(tiny_dir), ModelManager(hooks=StopAfterTwo()), root=str(tiny_dir))
+    with pytest.raises(SamplingInterrupted):
+        cascade.generate("a cat", width=64, height=64, stage_c=StageCSettings(steps=10), stage_b=FAST_B)
+    assert StopAfterTwo.calls == 2

@@ -165,7 +165,12 @@ class Cascade:
         sc = self.model("stage_c")
 
         def report(stage):
-            return None if progress is None else (lambda i, n, x0: progress(stage, i, n))
+            def step(i, n, x0):
+                self.manager.hooks.check_interrupt()
+                if progress is not None:
+                    progress(stage, i, n)
+
+            return step
 
         with self.manager.running(sc):
             latent_c = pipeline.sample_stage_c(
