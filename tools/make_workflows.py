@@ -35,7 +35,8 @@ SEED_CONTROL = "fixed"
 CORE_NODES = {
     "LoadImage": {"inputs": {"required": {"image": ([EXAMPLE_IMAGE], {"image_upload": True})}},
                   "outputs": (("IMAGE", "IMAGE"), ("MASK", "MASK"))},
-    "SaveImage": {"inputs": {"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
+    "SaveImage": {"inputs": {"required": {"images": ("IMAGE", {}),
+                                          "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
                   "outputs": ()},
     "PreviewImage": {"inputs": {"required": {"images": ("IMAGE", {})}}, "outputs": ()},
     "Canny": {"inputs": {"required": {
@@ -261,7 +262,9 @@ def stage_loaders(wf: Workflow, column: int = 0, previewer: bool = False):
     b = wf.add("WuerstchenStageBLoader", column, "Models", model_name="stage_b_bf16.safetensors")
     a = wf.add("WuerstchenStageALoader", column, "Models", model_name="stage_a.safetensors")
     clip = wf.add("WuerstchenCLIPTextLoader", column, "Models", width=360, model_name="text_encoder/model.safetensors")
-    pv = wf.add("WuerstchenPreviewerLoader", column, "Models", model_name="previewer.safetensors") if previewer else None
+    pv = None
+    if previewer:
+        pv = wf.add("WuerstchenPreviewerLoader", column, "Models", model_name="previewer.safetensors")
     return c, b, a, clip, pv
 
 

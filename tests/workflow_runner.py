@@ -1,0 +1,462 @@
+"""Loads, checks and runs ComfyUI workflows in the editor's format, without ComfyUI.
+
+Why: the example workflows are what users drag onto the canvas first. This runner checks them the
+way ComfyUI would read them (node types, widget values in INPUT_TYPES order, socket types) and then
+executes the graph on real node classes, so a workflow that drifts from the nodes fails a test.
+
+Widget mapping, as the editor stores it: ``widgets_values`` holds one value per widget input, in
+INPUT_TYPES order (required, then optional); a widget input keeps its value there even when a link
+feeds it (the link wins at run time). Two editor-only values follow some widgets and are skipped:
+the ``control_after_generate`` choice after seed-like INT widgets (declared with
+``control_after_generate``, or named seed / noise_seed), and the upload button's value after an
+``image_upload`` combo (LoadImage). Socket inputs (models, images, ...) never appear there.
+
+The ComfyUI core nodes the examples use have small stand-ins here (LoadImage, SaveImage,
+PreviewImage, Canny) with ComfyUI's inputs, outputs and widget order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+EDITOR_ONLY_NODES = ("Note", "MarkdownNote")  # text boxes the editor never sends for execution
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MODE_ALWAYS, MODE_MUTED, MODE_BYPASS = 0, 2, 4
+
+
+class WorkflowError(ValueError):
+    """A workflow that ComfyUI would refuse (or run wrongly); the message lists every problem."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Stand-ins for the ComfyUI core nodes the examples use
+
+
+def core_nodes(input_dir: Path, output_dir: Path) -> Dict[str, type]:
+    """ComfyUI's LoadImage / SaveImage / PreviewImage / Canny, reading and writing the given folders."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+
+    class LoadImage:
+        RETURN_TYPES = ("IMAGE", "MASK")
+        FUNCTION = "load_image"
+        CATEGORY = "image"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            files = sorted(p.name for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            return {"required": {"image": (files, {"image_upload": True})}}
+
+        def load_image(self, image):
+            from PIL import Image, ImageOps
+
+            pil = ImageOps.exif_transpose(Image.open(input_dir / image))
+            rgb = torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
+            if "A" in pil.getbands():
+                alpha = torch.from_numpy(np.asarray(pil.getchannel("A"), dtype=np.float32) / 255.0)
+                mask = 1.0 - alpha  # ComfyUI: transparent = masked
+            else:
+                mask = torch.zeros(64, 64)  # ComfyUI's placeholder when the image has no alpha
+            return (rgb, mask[None])
+
+    class SaveImage:
+        RETURN_TYPES = ()
+        FUNCTION = "save_images"
+        OUTPUT_NODE = True
+        CATEGORY = "image"
+        SUBFOLDER = ""
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}
+
+        def save_images(self, images, filename_prefix="ComfyUI"):
+            from PIL import Image
+
+            folder = output_dir / self.SUBFOLDER
+            folder.mkdir(parents=True, exist_ok=True)
+            if Path(filename_prefix).is_absolute() or ".." in Path(filename_prefix).parts:
+                raise ValueError(f"filename_prefix {filename_prefix!r} leaves the output folder")
+            saved = []
+            taken = re.compile(re.escape(Path(filename_prefix).name) + r"_(\d+)_\.png$")
+            start = max([int(m.group(1)) for p in (folder / filename_prefix).parent.glob("*.png")
+                         if (m := taken.match(p.name))], default=0)
+            for i, image in enumerate(images):
+                arr = (image.float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+                path = folder / f"{filename_prefix}_{start + i + 1:05d}_.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(path)
+                saved.append(path)
+            return {"ui": {"images": saved}}
+
+    class PreviewImage(SaveImage):
+        SUBFOLDER = "preview"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"images": ("IMAGE", {})}}
+
+        def save_images(self, images, filename_prefix="preview"):
+            return super().save_images(images, "preview")
+
+    class Canny:
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "detect_edge"
+        CATEGORY = "image/preprocessors"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            threshold = {"min": 0.01, "max": 0.99, "step": 0.01}
+            return {"required": {
+                "image": ("IMAGE", {}),
+                "low_threshold": ("FLOAT", dict(threshold, default=0.4)),
+                "high_threshold": ("FLOAT", dict(threshold, default=0.8)),
+            }}
+
+        def detect_edge(self, image, low_threshold, high_threshold):
+            edges = canny_edges(image.movedim(-1, 1), low_threshold, high_threshold)
+            return (edges.repeat(1, 3, 1, 1).movedim(1, -1),)
+
+    return {cls.__name__: cls for cls in (LoadImage, SaveImage, PreviewImage, Canny)}
+
+
+def canny_edges(images: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """A plain Canny detector: [B, C, H, W] in [0, 1] -> [B, 1, H, W] edges of 0/1."""
+    grey = images[:, :3].float().mean(dim=1, keepdim=True)
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    blur = (taps[:, None] * taps[None, :] / 256.0)[None, None]
+    grey = F.conv2d(F.pad(grey, (2, 2, 2, 2), mode="replicate"), blur)
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])[None, None]
+    padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")
+    gx, gy = F.conv2d(padded, sobel_x), F.conv2d(padded, sobel_x.transpose(-1, -2))
+    magnitude = torch.sqrt(gx ** 2 + gy ** 2)
+    # Non-maximum suppression along the gradient direction, quantised to 0/45/90/135 degrees.
+    angle = torch.rad2deg(torch.atan2(gy, gx)) % 180
+    sector = (((angle + 22.5) // 45) % 4).long()
+    offsets = [((0, 1), (0, -1)), ((1, 1), (-1, -1)), ((1, 0), (-1, 0)), ((1, -1), (-1, 1))]
+    padded_mag = F.pad(magnitude, (1, 1, 1, 1))
+    h, w = magnitude.shape[-2:]
+    keep = torch.zeros_like(magnitude, dtype=torch.bool)
+    for index, ((dy1, dx1), (dy2, dx2)) in enumerate(offsets):
+        n1 = padded_mag[..., 1 + dy1:1 + dy1 + h, 1 + dx1:1 + dx1 + w]
+        n2 = padded_mag[..., 1 + dy2:1 + dy2 + h, 1 + dx2:1 + dx2 + w]
+        keep |= (sector == index) & (magnitude > n1) & (magnitude >= n2)  # ties: one pixel wide
+    thin = magnitude * keep
+    strong, weak = thin >= high, thin >= low
+    # Hysteresis: weak edges survive when connected to a strong one.
+    edges = strong
+    for _ in range(max(h, w)):
+        grown = weak & (F.max_pool2d(edges.float(), 3, stride=1, padding=1) > 0)
+        if torch.equal(grown, edges):
+            break
+        edges = grown
+    return edges.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a workflow
+
+
+def load_workflow(path: Path) -> dict:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    for key in ("nodes", "links"):
+        if key not in data:
+            raise WorkflowError(f"{Path(path).name}: not an editor-format workflow (no {key!r}); API-format "
+                                "prompts are not read by this runner")
+    return data
+
+
+def is_widget(spec: Sequence) -> bool:
+    kind, opts = spec[0], _options(spec)
+    if opts.get("forceInput"):
+        return False
+    return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
+
+
+def _options(spec: Sequence) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+@dataclass(frozen=True)
+class WidgetSlot:
+    """One entry of widgets_values: an input's value, or an editor-only value (``name`` None)."""
+
+    name: Optional[str]
+    spec: Optional[Sequence]
+    editor_only: str = ""  # "control_after_generate" or "upload"
+
+
+def widget_slots(input_types: dict) -> List[WidgetSlot]:
+    slots: List[WidgetSlot] = []
+    for section in ("required", "optional"):
+        for name, spec in input_types.get(section, {}).items():
+            if not is_widget(spec):
+                continue
+            slots.append(WidgetSlot(name, spec))
+            kind, opts = spec[0], _options(spec)
+            if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+                slots.append(WidgetSlot(None, None, "control_after_generate"))
+            elif isinstance(kind, (list, tuple)) and opts.get("image_upload"):
+                slots.append(WidgetSlot(None, None, "upload"))
+    return slots
+
+
+def value_problem(name: str, spec: Sequence, value: Any) -> Optional[str]:
+    """Why ``value`` does not fit the input ``spec``, or None."""
+    kind, opts = spec[0], _options(spec)
+    if isinstance(kind, (list, tuple)):
+        if value not in kind:
+            shown = ", ".join(map(repr, list(kind)[:8])) + (", ..." if len(kind) > 8 else "")
+            return f"widget {name!r} = {value!r} is not one of the choices ({shown})"
+        return None
+    if kind == "INT":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"widget {name!r} = {value!r} is not an integer"
+    elif kind == "FLOAT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"widget {name!r} = {value!r} is not a number"
+    elif kind == "STRING":
+        return None if isinstance(value, str) else f"widget {name!r} = {value!r} is not a string"
+    elif kind == "BOOLEAN":
+        return None if isinstance(value, bool) else f"widget {name!r} = {value!r} is not true/false"
+    if "min" in opts and value < opts["min"] - 1e-9:
+        return f"widget {name!r} = {value!r} is below its minimum {opts['min']}"
+    if "max" in opts and value > opts["max"] + 1e-9:
+        return f"widget {name!r} = {value!r} is above its maximum {opts['max']}"
+    return None
+
+
+def _types_match(output_type: str, input_type) -> bool:
+    if isinstance(input_type, (list, tuple)):  # a combo fed by a link
+        input_type = "COMBO"
+    return output_type == input_type or "*" in (output_type, input_type)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checking and running
+
+
+@dataclass
+class PlannedNode:
+    id: int
+    type: str
+    label: str
+    cls: type
+    widget_values: Dict[str, Any]
+    linked: Dict[str, Tuple[int, int]]  # input name -> (source node id, output slot)
+
+
+@dataclass
+class RunResult:
+    outputs: Dict[int, tuple] = field(default_factory=dict)
+    images: List[Path] = field(default_factory=list)  # files written by SaveImage / PreviewImage
+    order: List[int] = field(default_factory=list)
+
+
+class WorkflowRunner:
+    """Checks a workflow against node classes and runs it.
+
+    ``node_classes``: type name -> class with INPUT_TYPES / RETURN_TYPES / FUNCTION (our
+    NODE_CLASS_MAPPINGS merged with :func:`core_nodes`).
+    """
+
+    def __init__(self, node_classes: Mapping[str, type]):
+        self.node_classes = dict(node_classes)
+
+    def plan(self, workflow: dict, name: str = "workflow",
+             overrides: Optional[Mapping[str, Any]] = None) -> List[PlannedNode]:
+        """Every problem ComfyUI would complain about, raised together; else the nodes to run, in order.
+
+        ``overrides`` replaces widget values for this run only: ``{"steps": 2}`` for every node with
+        a ``steps`` widget, ``{"WuerstchenStageCSampler.steps": 2}`` for one node type; override
+        values are checked like the file's.
+        """
+        problems: List[str] = []
+        nodes = {int(n["id"]): n for n in workflow["nodes"]}
+        planned: Dict[int, PlannedNode] = {}
+        links = {}
+        for link in workflow["links"]:
+            link_id, src, src_slot, dst, dst_slot, kind = link[:6]
+            links[int(link_id)] = (int(src), int(src_slot), int(dst), int(dst_slot), kind)
+
+        def where(node) -> str:
+            title = f" '{node['title']}'" if node.get("title") else ""
+            return f"{name}: node {node['id']} ({node.get('type')}{title})"
+
+        for node_id, node in nodes.items():
+            node_type = node.get("type")
+            if node_type in EDITOR_ONLY_NODES:
+                continue
+            mode = node.get("mode", MODE_ALWAYS)
+            if mode == MODE_BYPASS:
+                problems.append(f"{where(node)}: bypassed nodes are not supported by this runner")
+                continue
+            if mode == MODE_MUTED:
+                continue
+            cls = self.node_classes.get(node_type)
+            if cls is None:
+                problems.append(f"{where(node)}: unknown node type {node_type!r}; it is neither one of this pack's "
+                                "nodes nor a ComfyUI core node the runner knows")
+                continue
+            input_types = cls.INPUT_TYPES()
+            declared = {**input_types.get("required", {}), **input_types.get("optional", {})}
+            values = self._map_widgets(node, input_types, overrides, where(node), problems)
+            linked: Dict[str, Tuple[int, int]] = {}
+            for slot, inp in enumerate(node.get("inputs") or []):
+                spec = declared.get(inp["name"])
+                if spec is None:
+                    problems.append(f"{where(node)}: input {inp['name']!r} does not exist on {node_type} "
+                                    f"(inputs: {', '.join(declared)})")
+                    continue
+                link_id = inp.get("link")
+                if link_id is None:
+                    continue
+                if int(link_id) not in links:
+                    problems.append(f"{where(node)}: input {inp['name']!r} refers to link {link_id}, which is not in "
+                                    "'links'")
+                    continue
+                src, src_slot, dst, dst_slot, kind = links[int(link_id)]
+                if (dst, dst_slot) != (node_id, slot):
+                    problems.append(f"{where(node)}: link {link_id} ends at node {dst} slot {dst_slot}, not here")
+                    continue
+                linked[inp["name"]] = (src, src_slot)
+                problem = self._link_problem(nodes, src, src_slot, kind, spec)
+                if problem:
+                    problems.append(f"{where(node)}: input {inp['name']!r} {problem}")
+            for input_name, spec in input_types.get("required", {}).items():
+                if not is_widget(spec) and input_name not in linked:
+                    problems.append(f"{where(node)}: required input {input_name!r} ({spec[0]}) is not connected")
+            planned[node_id] = PlannedNode(node_id, node_type, where(node), cls, values, linked)
+        for link_id, (src, _s, dst, _d, _k) in links.items():
+            for end in (src, dst):
+                if end not in nodes:
+                    problems.append(f"{name}: link {link_id} refers to node {end}, which does not exist")
+        order = self._order(planned, problems, name)
+        if problems:
+            raise WorkflowError("\n".join(problems))
+        return [planned[i] for i in order]
+
+    def _map_widgets(self, node, input_types, overrides, label, problems):
+        values: Dict[str, Any] = {}
+        slots = widget_slots(input_types)
+        stored = list(node.get("widgets_values") or [])
+        if len(stored) != len(slots):
+            expected = [s.name or s.editor_only for s in slots]
+            problems.append(f"{label}: {len(stored)} widget values for {len(slots)} widgets "
+                            f"({', '.join(expected) or 'none'}); the file does not match this node's inputs")
+            return values
+        for slot, value in zip(slots, stored):
+            if slot.editor_only == "control_after_generate":
+                if value not in SEED_CONTROL_VALUES:
+                    problems.append(f"{label}: control_after_generate = {value!r} is not one of {SEED_CONTROL_VALUES}")
+                continue
+            if slot.editor_only:
+                continue
+            for key in (slot.name, f"{node['type']}.{slot.name}"):
+                if overrides and key in overrides:
+                    value = overrides[key]
+            problem = value_problem(slot.name, slot.spec, value)
+            if problem:
+                problems.append(f"{label}: {problem}")
+            values[slot.name] = value
+        return values
+
+    def _link_problem(self, nodes, src, src_slot, kind, spec) -> Optional[str]:
+        source = nodes.get(src)
+        if source is None:
+            return f"is linked to node {src}, which does not exist"
+        cls = self.node_classes.get(source.get("type"))
+        if cls is None:
+            return None  # reported on the source node itself
+        if src_slot >= len(cls.RETURN_TYPES):
+            return f"is linked to output {src_slot} of {source['type']}, which has {len(cls.RETURN_TYPES)} outputs"
+        out_type = cls.RETURN_TYPES[src_slot]
+        if not _types_match(out_type, spec[0]):
+            return f"expects {spec[0]} but is linked to {source['type']} output {src_slot} ({out_type})"
+        if kind not in (out_type, "*"):
+            return f"link says type {kind!r}, but {source['type']} output {src_slot} is {out_type}"
+        return None
+
+    def _order(self, planned: Dict[int, PlannedNode], problems: List[str], name: str) -> List[int]:
+        """Output nodes and what they need (as ComfyUI executes), dependencies first."""
+        wanted = [i for i, p in planned.items() if getattr(p.cls, "OUTPUT_NODE", False)]
+        if not wanted:
+            problems.append(f"{name}: no output node (SaveImage, PreviewImage, ...); ComfyUI would not run it")
+        order: List[int] = []
+        state: Dict[int, str] = {}
+
+        def visit(node_id: int, chain: Tuple[int, ...]) -> None:
+            if state.get(node_id) == "done":
+                return
+            if state.get(node_id) == "visiting":
+                problems.append(f"{name}: the graph has a cycle through nodes {list(chain)}")
+                return
+            node = planned.get(node_id)
+            if node is None:
+                return  # missing, muted or unknown: reported where it is linked or declared
+            state[node_id] = "visiting"
+            for src, _slot in node.linked.values():
+                if src not in planned:
+                    problems.append(f"{node.label}: needs node {src}, which is muted, unknown or missing")
+                    continue
+                visit(src, chain + (src,))
+            state[node_id] = "done"
+            order.append(node_id)
+
+        for node_id in sorted(wanted):
+            visit(node_id, (node_id,))
+        return order
+
+    def run(self, workflow: dict, name: str = "workflow",
+            overrides: Optional[Mapping[str, Any]] = None) -> RunResult:
+        result = RunResult()
+        for node in self.plan(workflow, name, overrides):
+            kwargs = dict(node.widget_values)
+            for input_name, (src, slot) in node.linked.items():
+                kwargs[input_name] = result.outputs[src][slot]
+            instance = node.cls()
+            out = getattr(instance, node.cls.FUNCTION)(**kwargs)
+            if isinstance(out, dict):  # output nodes: {"ui": ..., "result": (...)}
+                result.images.extend(out.get("ui", {}).get("images", []))
+                out = tuple(out.get("result", ()))
+            if not isinstance(out, tuple) or len(out) != len(node.cls.RETURN_TYPES):
+                raise WorkflowError(f"{node.label}: returned {type(out).__name__} of length "
+                                    f"{len(out) if hasattr(out, '__len__') else '?'}, expected a tuple of "
+                                    f"{len(node.cls.RETURN_TYPES)} ({', '.join(node.cls.RETURN_TYPES)})")
+            for kind, value in zip(node.cls.RETURN_TYPES, out):
+                problem = runtime_value_problem(kind, value)
+                if problem:
+                    raise WorkflowError(f"{node.label}: output {kind} {problem}")
+            result.outputs[node.id] = out
+            result.order.append(node.id)
+        return result
+
+
+def runtime_value_problem(kind: str, value: Any) -> Optional[str]:
+    """ComfyUI's layouts for the core socket types (custom types may be None when a part is absent)."""
+    if kind == "IMAGE":
+        if not (isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-1] == 3):
+            return f"is not a [B, H, W, 3] tensor: {getattr(value, 'shape', type(value))}"
+        if not torch.isfinite(value).all():
+            return "has non-finite values"
+    elif kind == "MASK":
+        if not (isinstance(value, torch.Tensor) and value.dim() == 3):
+            return f"is not a [B, H, W] tensor: {getattr(value, 'shape', type(value))}"
+    elif kind == "LATENT":
+        if not (isinstance(value, dict) and isinstance(value.get("samples"), torch.Tensor)):
+            return "is not a dict with 'samples'"
+        if not torch.isfinite(value["samples"]).all():
+            return "has non-finite samples"
+    elif kind == "CONDITIONING":
+        if not (isinstance(value, list) and value and all(len(e) == 2 and isinstance(e[1], dict) for e in value)):
+            return "is not a list of [tensor, dict] pairs"
+    return None
