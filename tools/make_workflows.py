@@ -49,6 +49,10 @@ NOTE = "Note"  # the editor's own text box; not executed
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 GAP_X, GAP_Y, TITLE_H, GROUP_HEADER = 70, 40, 30, 46
+SOCKET_H, WIDGET_H = 20, 24  # the editor's row heights
+# Room for what the editor draws below the widgets: the size read-out of web/wuerstchen.js, and the
+# Stage C sampler's live preview while it runs.
+EXTRA_HEIGHT = {"WuerstchenEmptyLatent": 85, "WuerstchenStageBSampler": 85, "WuerstchenStageCSampler": 280}
 
 
 def is_widget(spec) -> bool:
@@ -151,7 +155,8 @@ class Workflow:
         for slot, (name, kind) in enumerate(outputs):
             node.outputs.append({"name": name, "type": kind, "links": [], "slot_index": slot})
         sockets = max(len(node.inputs), len(node.outputs))
-        node.height = 10 + 22 * sockets + 26 * n_widgets + (110 if multiline else 0) + extra_height
+        node.height = (12 + SOCKET_H * sockets + WIDGET_H * n_widgets + (110 if multiline else 0)
+                       + EXTRA_HEIGHT.get(node_type, 0) + extra_height)
         self.nodes.append(node)
         return node
 
@@ -375,7 +380,7 @@ def _controlnet(name: str, controlnet_file: str, prefix: str, build_hint, title:
     """Loaders, prompts and size in columns 0-1; ``build_hint`` adds the hint from column 2 on."""
     wf = Workflow(name)
     c, b, a, clip, _ = stage_loaders(wf)
-    cn = wf.add("WuerstchenControlNetLoader", 0, "Models", width=360, model_name=controlnet_file)
+    cn = wf.add("WuerstchenControlNetLoader", 0, "Models", width=420, model_name=controlnet_file)
     pos, neg = prompts(wf, clip, "clip", 1)
     lat = empty_latent(wf, 1)
     if title:
