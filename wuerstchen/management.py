@@ -136,8 +136,10 @@ class ModelManager:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            # A changed file (same path, new mtime/size) replaces the stale entry.
-            for stale in [k for k in self._cache if k.path == key.path and k.kinds == kinds_t and k != key]:
+            # A changed file (same path, new mtime/size) replaces the stale entries; the same file
+            # in another dtype is a separate, still valid entry.
+            for stale in [k for k in self._cache if k.path == key.path and k.kinds == kinds_t
+                          and (k.size, k.mtime_ns) != (key.size, key.mtime_ns)]:
                 self._drop(stale)
             target = dtype if dtype is not None else self._load_dtype(kinds_t)
             parts = load_parts(path, kinds=kinds or None, dtype=target, device=self.hooks.offload_device())
