@@ -306,3 +306,33 @@ def test_load_image_mask_follows_comfyui(env, tmp_path):
     image, mask = loader().load_image("b.png")
     assert image.shape == (1, 30, 40, 3) and torch.equal(mask, torch.zeros(1, 64, 64))
     assert torch.allclose(image[0, 0, 0], torch.tensor([10, 20, 30]) / 255.0)
+
+
+def test_a_linked_widget_keeps_its_slot_and_the_link_wins(env, tmp_path):
+    """The editor keeps a converted widget's value in widgets_values; the linked value is used."""
+
+    class IntSource:
+        RETURN_TYPES = ("INT",)
+        FUNCTION = "give"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"value": ("INT", {"default": 0, "min": 0, "max": 9999})}}
+
+        def give(self, value):
+            return (value,)
+
+    runner = WorkflowRunner({**NODE_CLASS_MAPPINGS, **core_nodes(tmp_path, tmp_path), "IntSource": IntSource})
+    wf = _broken("text_to_image", lambda wf: None)
+    latent = _node(wf, "WuerstchenEmptyLatent")
+    source_id, link_id = wf["last_node_id"] + 1, wf["last_link_id"] + 1
+    wf["nodes"].append({"id": source_id, "type": "IntSource", "pos": [0, 0], "size": [200, 60], "flags": {},
+                        "order": 0, "mode": 0, "inputs": [], "properties": {}, "widgets_values": [320],
+                        "outputs": [{"name": "INT", "type": "INT", "links": [link_id], "slot_index": 0}]})
+    latent["inputs"].append({"name": "width", "type": "INT", "widget": {"name": "width"}, "link": link_id})
+    wf["links"].append([link_id, source_id, 0, latent["id"], len(latent["inputs"]) - 1, "INT"])
+    plan = {n.type: n for n in runner.plan(wf, "linked.json")}
+    assert plan["WuerstchenEmptyLatent"].widget_values["width"] == 1024  # still read from its slot
+    assert plan["WuerstchenEmptyLatent"].linked["width"] == (source_id, 0)
+    result = runner.run(wf, "linked.json", overrides={"WuerstchenEmptyLatent.height": 256, "steps": 1})
+    assert result.outputs[latent["id"]][0]["samples"].shape[-2:] == (6, 8)  # 256 x 320 at compression 42.67
