@@ -40,17 +40,26 @@ def _scaled_down(x: torch.Tensor, dtype: torch.dtype):
     return (x / scale).to(dtype), scale
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    """``F.linear`` that also takes a float32 ``x`` for low-precision weights (fp16 guard).
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.Tensor:
+    """``F.linear``, optionally into the preallocated ``out``, that also takes a float32 ``x``
+    for float16 weights (fp16 guard).
 
-    In that case the product runs in the weight dtype on a rescaled copy of ``x`` and the result
-    comes back in float32, so a large residual stream never overflows float16.
+    In the guarded case the product runs in float16 on a copy of ``x`` rescaled by a power of two
+    and the result comes back in float32 (``out`` is ignored), so a large residual stream never
+    overflows float16.
     """
-    if x.dtype == weight.dtype:
+    if x.dtype != weight.dtype:
+        x_low, scale = _scaled_down(x, weight.dtype)
+        result = F.linear(x_low, weight).to(x.dtype).mul_(scale)
+        return result if bias is None else result.add_(bias)
+    if out is None:
         return F.linear(x, weight, bias)
-    x_low, scale = _scaled_down(x, weight.dtype)
-    out = F.linear(x_low, weight).to(x.dtype).mul_(scale)
-    return out if bias is None else out.add_(bias)
+    rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(rows, weight.t(), out=out_rows)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=out_rows)
+    return out
 
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -126,6 +135,63 @@ def sinusoidal_r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000
     return emb
 
 
+class Workspace:
+    """Scratch buffers that the blocks of one no-grad forward pass reuse.
+
+    On CPU, allocating and first touching a large tensor costs about as much as a pass of
+    arithmetic over it, so short-lived temporaries (the 4c-wide MLP activations, attention
+    projections) are written into these buffers instead. Passing a workspace to a block's
+    ``forward_nhwc`` also lets the block overwrite its input ``x`` with the result: the networks
+    do so only for residual-stream tensors nobody else holds, and never under autograd.
+    """
+
+    def __init__(self):
+        self._buffers = {}
+        self._views = {}
+
+    def get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor of ``shape`` with ``like``'s dtype/device, reusing storage by name."""
+        key = (name, tuple(shape), like.dtype, like.device)
+        view = self._views.get(key)
+        if view is not None:
+            return view
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        view = self._views[key] = buf[:numel].view(shape)
+        return view
+
+
+def _get(ws, name, shape, like):
+    return None if ws is None else ws.get(name, shape, like)
+
+
+def _contiguous(x, ws, name):
+    """x.contiguous(), copied into a workspace buffer when one is given."""
+    if ws is None:
+        return x.contiguous()
+    return ws.get(name, x.shape, x).copy_(x)
+
+
+def _residual(x, update, ws):
+    """x + update; written into x when a workspace says x may be overwritten."""
+    if ws is not None and x.dtype == update.dtype:
+        return x.add_(update)
+    return update + x if update.requires_grad else update.add_(x)
+
+
+def _add_projection(x, h, layer, ws):
+    """x + Linear(h) for channels-last x; accumulated straight into x (no temporary) with ``ws``."""
+    weight, bias = layer.weight, layer.bias
+    if ws is None or x.dtype != weight.dtype or h.dtype != weight.dtype:
+        return _residual(x, linear(h, weight, bias), ws)
+    rows = x.view(-1, x.shape[-1])
+    rows.addmm_(h.reshape(-1, h.shape[-1]), weight.t())
+    return x if bias is None else x.add_(bias)
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
@@ -138,11 +204,16 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GlobalResponseNorm(nn.Module):
-    """ConvNeXt-V2 GRN on channels-last input: x * (1 + gamma * N(x)) + beta.
+    """ConvNeXt-V2 GRN on channels-last input: gamma * (x * N(x)) + beta + x.
 
     N(x) is the per-channel L2 norm over H and W divided by its mean over channels (+1e-6).
     Statistics are computed in float32 even for low-precision input.
     """
+
+    #: the sum of squares is accumulated over chunks of about this many elements (no big temporary)
+    chunk_elements = 1 << 17
+    #: let the MLP fold this GRN's scale into the next weight when that is cheaper (see _channel_mlp)
+    fold_scale = True
 
     def __init__(self, dim):
         super().__init__()
@@ -152,23 +223,69 @@ class GlobalResponseNorm(nn.Module):
     def forward(self, x):
         return self.normalize_(x if x.requires_grad else x.clone())
 
-    def normalize_(self, x):
-        """GRN of x; overwrites x when autograd does not track it (x must be a tensor we own)."""
-        batch, dim = x.shape[0], x.shape[-1]
-        rows = x.reshape(batch, -1, dim)
+    def _sum_of_squares(self, rows, ws=None):
+        """Per-channel sum of squares over dim 1 of [B, N, C], in float32."""
+        batch, length, dim = rows.shape
+        if rows.requires_grad:
+            return rows.float().square().sum(dim=1, keepdim=True)
+        step = max(1, min(length, self.chunk_elements // max(1, batch * dim)))
+        total = rows.new_zeros((batch, 1, dim), dtype=torch.float32)
+        scratch = None
         if rows.dtype == torch.float32:
-            sum_sq = torch.bmm(x.new_ones(batch, 1, rows.shape[1]), rows * rows)
-        else:
-            sum_sq = rows.float().square().sum(dim=1, keepdim=True)
-        norm = sum_sq.sqrt_().view(batch, 1, 1, dim)
+            scratch = _get(ws, "grn_chunk", (batch, step, dim), rows)
+            if scratch is None:
+                scratch = rows.new_empty((batch, step, dim))
+        for start in range(0, length, step):
+            part = rows[:, start:start + step]
+            if scratch is not None:
+                squares = torch.mul(part, part, out=scratch[:, :part.shape[1]])
+            else:
+                squares = part.float().square_()
+            total += squares.sum(dim=1, keepdim=True)
+        return total
+
+    def response_scale(self, x, ws=None):
+        """1 + gamma * N(x), shape [B, 1, 1, C], in x's dtype: GRN(x) = x * scale + beta."""
+        batch, dim = x.shape[0], x.shape[-1]
+        norm = self._sum_of_squares(x.reshape(batch, -1, dim), ws).sqrt_().view(batch, 1, 1, dim)
         norm = norm / (norm.mean(dim=-1, keepdim=True) + 1e-6)
-        gamma, beta = self.gamma, self.beta
-        if gamma.dtype != x.dtype:
-            gamma, beta = gamma.to(x.dtype), beta.to(x.dtype)
-        scale = norm.to(x.dtype).mul_(gamma).add_(1)
+        return norm.to(x.dtype) * self.gamma.to(x.dtype) + 1
+
+    def normalize_(self, x, ws=None):
+        """GRN of x; overwrites x when autograd does not track it (x must be a tensor we own)."""
+        scale, beta = self.response_scale(x, ws), self.beta.to(x.dtype)
         if x.requires_grad or scale.requires_grad or beta.requires_grad:
             return torch.addcmul(beta, x, scale)
         return torch.addcmul(beta, x, scale, out=x)
+
+
+def _channel_mlp(x, h, channelwise, ws, training):
+    """x + Linear(Dropout(GRN(GELU(Linear(h))))), the MLP shared by ResBlock and FeedForwardBlock.
+
+    With a workspace and the GRN statistics in hand, the GRN's per-(sample, channel) scale is
+    folded into a per-sample copy of the second weight when that is smaller than the activation
+    (more tokens than channels), saving a full pass over the 4c-wide activation.
+    """
+    fc1, _, grn, dropout, fc2 = channelwise
+    hidden = linear(h, fc1.weight, fc1.bias, out=_get(ws, "mlp_hidden", (*h.shape[:-1], fc1.out_features), h))
+    hidden = gelu_(hidden)
+    use_dropout = training and dropout.p > 0
+    batch, width = x.shape[0], hidden.shape[-1]
+    tokens = hidden.numel() // (batch * width)
+    fold = (ws is not None and grn.fold_scale and not use_dropout and hidden.dtype == fc2.weight.dtype == x.dtype
+            and tokens > fc2.out_features)
+    if not fold:
+        hidden = grn.normalize_(hidden, ws)
+        if use_dropout:
+            hidden = dropout(hidden)
+        return _add_projection(x, hidden, fc2, ws)
+    # W2 (h * s + beta) + b2 == (W2 * s) h + (W2 beta + b2), with s per sample and channel
+    scale = grn.response_scale(hidden, ws).view(batch, 1, width)
+    scaled_weight = torch.mul(fc2.weight, scale, out=ws.get("mlp_folded_weight", (batch, *fc2.weight.shape), x))
+    shift = torch.addmv(fc2.bias, fc2.weight, grn.beta.view(width).to(x.dtype))
+    x3 = x.view(batch, tokens, x.shape[-1])
+    x3.baddbmm_(hidden.view(batch, tokens, width), scaled_weight.transpose(1, 2))
+    return x.add_(shift)
 
 
 class ResBlock(nn.Module):
@@ -186,17 +303,13 @@ class ResBlock(nn.Module):
             nn.Linear(c * 4, c),
         )
 
-    def forward_nhwc(self, x, x_skip=None):
-        h = to_nhwc(conv2d(to_nchw(x), self.depthwise))
-        h = layer_norm_channels(h)
+    def forward_nhwc(self, x, x_skip=None, ws=None):
+        """x, x_skip: [B, H, W, C]. With a workspace ``ws`` the result overwrites x."""
+        h = layer_norm_channels(to_nhwc(conv2d(to_nchw(x), self.depthwise)), self.norm.eps)
         if x_skip is not None:
-            h = torch.cat([h, x_skip], dim=-1)
-        fc1, _, grn, dropout, fc2 = self.channelwise
-        h = grn.normalize_(gelu_(linear(h, fc1.weight, fc1.bias)))
-        if dropout.p > 0 and self.training:
-            h = dropout(h)
-        out = linear(h, fc2.weight, fc2.bias)
-        return out + x if out.requires_grad else out.add_(x)
+            shape = (*h.shape[:-1], h.shape[-1] + x_skip.shape[-1])
+            h = torch.cat([h, x_skip], dim=-1, out=_get(ws, "res_cat", shape, h))
+        return _channel_mlp(x, h, self.channelwise, ws, self.training)
 
     def forward(self, x, x_skip=None):
         skip = None if x_skip is None else x_skip.permute(0, 2, 3, 1)
@@ -222,18 +335,53 @@ class PackedMultiheadAttention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query, key_value):
-        """Attend ``query`` [B, L, c] to ``key_value`` [B, S, c] (the same tensor is keys and values)."""
+    def attend(self, query, cond, self_attn, ws=None):
+        """Attention before the output projection, [B, L, c].
+
+        Queries come from ``query`` [B, L, c]; keys and values from ``cond`` [B, S, c], preceded
+        by ``query`` itself when ``self_attn`` (the official ``cat([x, kv])``). With self_attn,
+        q, k and v of the query tokens come from one fused matrix product.
+        """
         c, heads = self.embed_dim, self.num_heads
         batch, length, _ = query.shape
         weight, bias = self.in_proj_weight, self.in_proj_bias
-        q = linear(query, weight[:c], bias[:c]).view(batch, length, heads, c // heads).transpose(1, 2)
-        kv = linear(key_value, weight[c:], bias[c:]).view(batch, key_value.shape[1], 2, heads, c // heads)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        if self_attn:
+            qkv = linear(query, weight, bias, out=_get(ws, "attn_qkv", (batch, length, 3 * c), query))
+            q, kv_query = qkv[..., :c], qkv[..., c:]
+        else:
+            q = linear(query, weight[:c], bias[:c], out=_get(ws, "attn_q", (batch, length, c), query))
+            kv_query = None
+        kv_cond = linear(cond, weight[c:], bias[c:], out=_get(ws, "attn_kv", (batch, cond.shape[1], 2 * c), cond))
+        return self._sdpa(q, [kv for kv in (kv_query, kv_cond) if kv is not None], ws)
+
+    def _sdpa(self, q, kv_parts, ws):
+        """SDPA on projected q [B, L, c] and k/v pieces [B, S_i, 2c] (concatenated along S)."""
+        c, heads = self.embed_dim, self.num_heads
+        head_dim = c // heads
+        batch, length, _ = q.shape
+        # the CPU SDPA kernel runs ~25% faster on head-major contiguous inputs than on strided views
+        q = _contiguous(q.view(batch, length, heads, head_dim).transpose(1, 2), ws, "attn_q_heads")
+        pairs = sum(part.shape[1] for part in kv_parts)
+        shape = (2, batch, heads, pairs, head_dim)
+        kv = _get(ws, "attn_kv_heads", shape, q)
+        if kv is None:
+            kv = q.new_empty(shape)
+        start = 0
+        for part in kv_parts:
+            count = part.shape[1]
+            kv[:, :, :, start:start + count].copy_(part.view(batch, count, 2, heads, head_dim).permute(2, 0, 3, 1, 4))
+            start += count
         dropout_p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        out = out.transpose(1, 2).reshape(batch, length, c)
-        return linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=dropout_p)
+        return out.transpose(1, 2).reshape(batch, length, c)
+
+    def forward(self, query, key_value):
+        """Attend ``query`` [B, L, c] to ``key_value`` [B, S, c] (the same tensor is keys and values)."""
+        c = self.embed_dim
+        weight, bias = self.in_proj_weight, self.in_proj_bias
+        q = linear(query, weight[:c], bias[:c])
+        kv = linear(key_value, weight[c:], bias[c:])
+        return linear(self._sdpa(q, [kv], None), self.out_proj.weight, self.out_proj.bias)
 
 
 class Attention2D(nn.Module):
@@ -243,16 +391,11 @@ class Attention2D(nn.Module):
         super().__init__()
         self.attn = PackedMultiheadAttention(c, nhead, dropout=dropout)
 
-    def forward_tokens(self, x, kv, self_attn=False):
-        """x: [B, L, c] image tokens; kv: [B, S, c] conditioning tokens."""
-        if self_attn:
-            kv = torch.cat([x, kv], dim=1)
-        return self.attn(x, kv)
-
     def forward(self, x, kv, self_attn=False):
         batch, c, height, width = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, c)
-        out = self.forward_tokens(tokens, kv, self_attn)
+        attn = self.attn
+        out = linear(attn.attend(tokens, kv, self_attn), attn.out_proj.weight, attn.out_proj.bias)
         return out.view(batch, height, width, c).permute(0, 3, 1, 2)
 
 
@@ -266,13 +409,15 @@ class AttnBlock(nn.Module):
         self.attention = Attention2D(c, nhead, dropout)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
-    def forward_nhwc(self, x, kv):
+    def forward_nhwc(self, x, kv, ws=None):
+        """x: [B, H, W, C]; kv: [B, S, c_cond]. With a workspace ``ws`` the result overwrites x."""
         batch, height, width, c = x.shape
         mapper = self.kv_mapper[1]
         kv = linear(F.silu(kv), mapper.weight, mapper.bias)
-        tokens = layer_norm_channels(x).view(batch, height * width, c)
-        out = self.attention.forward_tokens(tokens, kv, self.self_attn).view(batch, height, width, c)
-        return out + x if out.requires_grad else out.add_(x)
+        tokens = layer_norm_channels(x, self.norm.eps).view(batch, height * width, c)
+        attn = self.attention.attn
+        out = attn.attend(tokens, kv, self.self_attn, ws)
+        return _add_projection(x, out.view(batch, height, width, c), attn.out_proj, ws)
 
     def forward(self, x, kv):
         return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1).contiguous(), kv))
@@ -292,13 +437,9 @@ class FeedForwardBlock(nn.Module):
             nn.Linear(c * 4, c),
         )
 
-    def forward_nhwc(self, x):
-        fc1, _, grn, dropout, fc2 = self.channelwise
-        h = grn.normalize_(gelu_(linear(layer_norm_channels(x), fc1.weight, fc1.bias)))
-        if dropout.p > 0 and self.training:
-            h = dropout(h)
-        out = linear(h, fc2.weight, fc2.bias)
-        return out + x if out.requires_grad else out.add_(x)
+    def forward_nhwc(self, x, ws=None):
+        """x: [B, H, W, C]. With a workspace ``ws`` the result overwrites x."""
+        return _channel_mlp(x, layer_norm_channels(x, self.norm.eps), self.channelwise, ws, self.training)
 
     def forward(self, x):
         return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1)))
@@ -324,10 +465,14 @@ class TimestepBlock(nn.Module):
         a, b = ab.chunk(2, dim=1)
         return 1 + a, b
 
-    def forward_nhwc(self, x, t):
+    def forward_nhwc(self, x, t, ws=None):
+        """x: [B, H, W, C]; t: time embeddings. With a workspace ``ws`` the result overwrites x."""
         scale, shift = self.modulation(t)
         batch, c = shift.shape
-        return torch.addcmul(shift.view(batch, 1, 1, c), x, scale.view(batch, 1, 1, c))
+        scale, shift = scale.view(batch, 1, 1, c), shift.view(batch, 1, 1, c)
+        if ws is not None and scale.dtype == x.dtype:
+            return torch.addcmul(shift, x, scale, out=x)
+        return torch.addcmul(shift, x, scale)
 
     def forward(self, x, t):
         return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1), t))
@@ -510,16 +655,23 @@ class CascadeUNet(nn.Module):
         extra = F.interpolate(extra, size=x.shape[1:3], mode="bilinear", align_corners=True)
         return (x + extra.permute(0, 2, 3, 1)).contiguous()
 
-    def _run_block(self, block, x, r_embed, clip, skip=None):
+    def _run_block(self, block, x, r_embed, clip, ws, skip=None):
         if isinstance(block, ResBlock):
-            return block.forward_nhwc(x, skip)
+            return block.forward_nhwc(x, skip, ws)
         if isinstance(block, AttnBlock):
-            return block.forward_nhwc(x, clip)
+            return block.forward_nhwc(x, clip, ws)
         if isinstance(block, TimestepBlock):
-            return block.forward_nhwc(x, r_embed)
-        return block.forward_nhwc(x)
+            return block.forward_nhwc(x, r_embed, ws)
+        return block.forward_nhwc(x, ws)
 
-    def _down_encode(self, x, r_embed, clip, cnet=None, counter=0):
+    def _workspace(self, *inputs):
+        """A Workspace when nothing needs autograd (so blocks may work in place), else None."""
+        if torch.is_grad_enabled() and (any(t.requires_grad for t in inputs if torch.is_tensor(t))
+                                        or any(p.requires_grad for p in self.parameters())):
+            return None
+        return Workspace()
+
+    def _down_encode(self, x, r_embed, clip, ws=None, cnet=None, counter=0):
         level_outputs = []
         for level, downscaler, repeat_mappers in zip(self.down_blocks, self.down_downscalers,
                                                      self.down_repeat_mappers):
@@ -529,13 +681,13 @@ class CascadeUNet(nn.Module):
                     if isinstance(block, ResBlock):
                         x = self._inject(x, cnet, counter)
                         counter += 1
-                    x = self._run_block(block, x, r_embed, clip)
+                    x = self._run_block(block, x, r_embed, clip, ws)
                 if rep < len(repeat_mappers):
                     x = pointwise_conv(x, repeat_mappers[rep])
             level_outputs.insert(0, x)
         return level_outputs, counter
 
-    def _up_decode(self, level_outputs, r_embed, clip, cnet=None, counter=0):
+    def _up_decode(self, level_outputs, r_embed, clip, ws=None, cnet=None, counter=0):
         x = level_outputs[0]
         for i, (level, upscaler, repeat_mappers) in enumerate(zip(self.up_blocks, self.up_upscalers,
                                                                   self.up_repeat_mappers)):
@@ -548,7 +700,7 @@ class CascadeUNet(nn.Module):
                             x = resize_nhwc(x, skip.shape[1:3])
                         x = self._inject(x, cnet, counter)
                         counter += 1
-                    x = self._run_block(block, x, r_embed, clip, skip)
+                    x = self._run_block(block, x, r_embed, clip, ws, skip)
                 if rep < len(repeat_mappers):
                     x = pointwise_conv(x, repeat_mappers[rep])
             x = nhwc_apply(upscaler, x)

@@ -112,6 +112,7 @@ class StageB(CascadeUNet):
         pix = F.interpolate(to_nchw(pix).float(), size=size, mode="bilinear", align_corners=True)
         h = h + to_nhwc(pix).to(dtype)
 
-        level_outputs, _ = self._down_encode(h, r_embed, clip)
-        h = self._up_decode(level_outputs, r_embed, clip)
+        ws = self._workspace(x, r, effnet, clip, pixels)
+        level_outputs, _ = self._down_encode(h, r_embed, clip, ws)
+        h = self._up_decode(level_outputs, r_embed, clip, ws)
         return self._classify(h, self.compute_dtype())
