@@ -552,6 +552,8 @@ class CascadeUNet(nn.Module):
     def _build_levels(self, *, c_hidden, nhead, blocks, block_repeat, level_config, dropout, self_attn,
                       c_cond, c_r, t_conds, kernel_size, make_downscaler, make_upscaler):
         levels = len(c_hidden)
+        if block_repeat is None:  # the official code would then silently run no blocks at all
+            raise ValueError("block_repeat=None is not supported; use [[1] * levels, [1] * levels]")
         for name, value in (("nhead", nhead), ("level_config", level_config), ("blocks[0]", blocks[0]),
                             ("blocks[1]", blocks[1]), ("dropout", dropout), ("self_attn", self_attn)):
             if len(value) != levels:
@@ -579,9 +581,8 @@ class CascadeUNet(nn.Module):
                     level.append(get_block(block_type, c_hidden[i], nhead[i], drop=dropout[i],
                                            attn_self=self_attn[i]))
             self.down_blocks.append(level)
-            if block_repeat is not None:
-                self.down_repeat_mappers.append(nn.ModuleList(
-                    nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1) for _ in range(block_repeat[0][i] - 1)))
+            self.down_repeat_mappers.append(nn.ModuleList(
+                nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1) for _ in range(block_repeat[0][i] - 1)))
 
         self.up_blocks = nn.ModuleList()
         self.up_upscalers = nn.ModuleList()
@@ -595,12 +596,8 @@ class CascadeUNet(nn.Module):
                     level.append(get_block(block_type, c_hidden[i], nhead[i], c_skip=c_skip, drop=dropout[i],
                                            attn_self=self_attn[i]))
             self.up_blocks.append(level)
-            if block_repeat is not None:
-                self.up_repeat_mappers.append(nn.ModuleList(
-                    nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1)
-                    for _ in range(block_repeat[1][::-1][i] - 1)))
-        if block_repeat is None:  # the official zip() would stop at the empty list
-            raise ValueError("block_repeat=None is not supported; use all ones")
+            self.up_repeat_mappers.append(nn.ModuleList(
+                nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1) for _ in range(block_repeat[1][::-1][i] - 1)))
 
     # -- dtype policy ---------------------------------------------------------------------------
 
@@ -624,7 +621,11 @@ class CascadeUNet(nn.Module):
         parts = [self.gen_r_embedding(r)]
         for cname in self.t_conds:
             value = kwargs.get(cname)
-            parts.append(self.gen_r_embedding(torch.zeros_like(r) if value is None else value.to(r.device)))
+            if value is None:
+                value = torch.zeros_like(r)
+            elif not torch.is_tensor(value) or value.dim() == 0:  # a plain number: same for the batch
+                value = torch.as_tensor(value, dtype=torch.float32, device=r.device).expand(r.shape[0])
+            parts.append(self.gen_r_embedding(value.to(r.device)))
         return torch.cat(parts, dim=1).to(dtype)
 
     def _embed(self, x):
