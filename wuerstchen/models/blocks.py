@@ -185,7 +185,7 @@ def _residual(x, update, ws):
 def _add_projection(x, h, layer, ws):
     """x + Linear(h) for channels-last x; accumulated straight into x (no temporary) with ``ws``."""
     weight, bias = layer.weight, layer.bias
-    if ws is None or x.dtype != weight.dtype or h.dtype != weight.dtype:
+    if ws is None or x.dtype != weight.dtype or h.dtype != weight.dtype or not x.is_contiguous():
         return _residual(x, linear(h, weight, bias), ws)
     rows = x.view(-1, x.shape[-1])
     rows.addmm_(h.reshape(-1, h.shape[-1]), weight.t())
@@ -226,7 +226,7 @@ class GlobalResponseNorm(nn.Module):
     def _sum_of_squares(self, rows, ws=None):
         """Per-channel sum of squares over dim 1 of [B, N, C], in float32."""
         batch, length, dim = rows.shape
-        if rows.requires_grad:
+        if rows.requires_grad or rows.device.type != "cpu":  # accelerators: allocation is cheap
             return rows.float().square().sum(dim=1, keepdim=True)
         step = max(1, min(length, self.chunk_elements // max(1, batch * dim)))
         total = rows.new_zeros((batch, 1, dim), dtype=torch.float32)
@@ -273,7 +273,7 @@ def _channel_mlp(x, h, channelwise, ws, training):
     batch, width = x.shape[0], hidden.shape[-1]
     tokens = hidden.numel() // (batch * width)
     fold = (ws is not None and grn.fold_scale and not use_dropout and hidden.dtype == fc2.weight.dtype == x.dtype
-            and tokens > fc2.out_features)
+            and tokens > fc2.out_features and x.is_contiguous())
     if not fold:
         hidden = grn.normalize_(hidden, ws)
         if use_dropout:
