@@ -16,8 +16,6 @@ from wuerstchen.models.blocks import AttnBlock, GlobalResponseNorm, ResBlock, Ti
 from wuerstchen.models.stage_b import StageB
 from wuerstchen.models.stage_c import StageC
 
-MODEL_CLASSES = {"StageC": StageC, "StageB": StageB}
-
 
 def _call_kwargs(call, io):
     """Keyword arguments of a recorded call; list arguments keep their None entries."""

@@ -2,20 +2,22 @@
 
 Every block keeps the official module layout, so ``state_dict()`` keys and shapes match the
 released checkpoints (including the packed ``attention.attn.in_proj_weight`` of
-``nn.MultiheadAttention``). The arithmetic is rewritten for speed:
+``nn.MultiheadAttention``), and its ``forward`` takes ``[B, C, H, W]`` like the official block.
+The arithmetic is rewritten for speed, within float32 rounding of the official results:
 
-* Inside the networks the residual stream is kept channels-last (``[B, H, W, C]``, contiguous),
-  so the channel-wise MLPs, norms and attention projections need no permute copies. Each block
-  has a ``forward_nhwc`` used by the networks; its ``forward`` accepts ``[B, C, H, W]`` like
-  the official block.
-* Fresh intermediate tensors are updated in place when autograd does not need them; on CPU the
-  allocation of large tensors costs more than the arithmetic.
-* Attention calls ``scaled_dot_product_attention`` directly on the packed projection weights.
+* The networks keep the residual stream channels-last (``[B, H, W, C]``, contiguous) and call
+  each block's ``forward_nhwc``, so the channel-wise MLPs, norms and attention projections
+  need no permute copies.
+* Under no_grad the networks pass a :class:`Workspace`: large temporaries go into reused
+  buffers and residual updates are accumulated in place (on CPU, allocating and first touching
+  a large tensor costs about as much as the arithmetic on it).
+* Attention calls ``scaled_dot_product_attention`` on the packed projection weights.
+* The GRN scale is folded into the following weight when there are more tokens than channels.
 
 Mixed precision ("fp16 guard"): when a block receives a float32 tensor while its weights are
 float16, the heavy matrix products still run in float16, on an input rescaled by a power of two
 so it cannot overflow, and everything else (residual stream, norms, GRN statistics, attention
-softmax) stays in float32. See :func:`linear` and :class:`CascadeUNet.fp16_guard`.
+softmax) stays in float32. See :func:`linear` and :class:`CascadeUNet`.
 """
 
 import math
@@ -415,7 +417,7 @@ class AttnBlock(nn.Module):
         return _add_projection(x, out.view(batch, height, width, c), attn.out_proj, ws)
 
     def forward(self, x, kv):
-        return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1).contiguous(), kv))
+        return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1), kv))
 
 
 class FeedForwardBlock(nn.Module):

@@ -9,7 +9,6 @@ its mapper, pixels mapped first and resized after, default pixels zeros [B, 3, 8
 dtype handling and ``fp16_guard`` (see :class:`~wuerstchen.models.blocks.CascadeUNet`).
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
