@@ -277,8 +277,9 @@ def test_fp16_guard_prevents_overflow(stage_c_vector):
     assert products.seen and all(dtypes == {torch.float16} for dtypes in products.seen)
 
 
-def test_fp16_guard_is_harmless_without_overflow(stage_c_vector):
-    model, meta, io = stage_c_vector
+@pytest.mark.parametrize("vector", ["stage_c_vector", "stage_b_vector"])
+def test_fp16_guard_is_harmless_without_overflow(vector, request):
+    model, meta, io = request.getfixturevalue(vector)
     kwargs = _call_kwargs(meta["calls"][0], io)
     half = copy.deepcopy(model).half()
     with torch.no_grad():
