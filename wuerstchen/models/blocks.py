@@ -206,7 +206,7 @@ class GlobalResponseNorm(nn.Module):
     """
 
     #: the sum of squares is accumulated over chunks of about this many elements (no big temporary)
-    chunk_elements = 1 << 17
+    chunk_elements = 1 << 19
     #: let the MLP fold this GRN's scale into the next weight when that is cheaper (see _channel_mlp)
     fold_scale = True
 
