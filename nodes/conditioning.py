@@ -60,14 +60,14 @@ def from_comfy(conditioning, node: str, socket: str) -> Conditioning:
         images.append(extras.get(H.COND_IMAGE_TOKENS))
     if len({t.shape[1] for t in texts}) > 1:
         n = max(t.shape[1] for t in texts)
-        texts = [pipeline._repeat_tokens(t, n) for t in texts]
+        texts = [pipeline.repeat_tokens(t, n) for t in texts]
     clip_text = torch.cat(texts)
     clip_pooled = torch.cat(pooled)
     clip_img = None
     if any(i is not None for i in images):
         n = max(i.shape[1] for i in images if i is not None)
         width = next(i.shape[-1] for i in images if i is not None)
-        filled = [pipeline._pad_tokens(i.float(), n) if i is not None else torch.zeros(1, n, width) for i in images]
+        filled = [pipeline.pad_tokens(i.float(), n) if i is not None else torch.zeros(1, n, width) for i in images]
         clip_img = torch.cat(filled)
     return Conditioning(clip_text, clip_pooled, clip_img)
 

@@ -192,19 +192,19 @@ def _match_token_counts(cond: Dict[str, torch.Tensor], uncond: Dict[str, torch.T
             continue
         if key == "clip_img":  # zero image tokens are what "no image" means officially
             n = max(a.shape[1], b.shape[1])
-            cond[key], uncond[key] = _pad_tokens(a, n), _pad_tokens(b, n)
+            cond[key], uncond[key] = pad_tokens(a, n), pad_tokens(b, n)
         else:  # repeat the shorter text encoding's windows, as ComfyUI does for long prompts
             n = max(a.shape[1], b.shape[1])
-            cond[key], uncond[key] = _repeat_tokens(a, n), _repeat_tokens(b, n)
+            cond[key], uncond[key] = repeat_tokens(a, n), repeat_tokens(b, n)
 
 
-def _pad_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+def pad_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
     if t.shape[1] == n:
         return t
     return torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], t.shape[2])], dim=1)
 
 
-def _repeat_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+def repeat_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
     if t.shape[1] == n:
         return t
     reps = math.ceil(n / t.shape[1])
