@@ -13,8 +13,8 @@ and reports the median seconds per forward step. Peak memory is the growth of th
 during one forward in a fresh subprocess per model and dtype (CPU; the kernel's high-water mark
 is reset through /proc/self/clear_refs), or ``torch.cuda.max_memory_allocated`` growth (CUDA).
 
-Prints one JSON object on stdout; progress goes to stderr. diffusers and psutil are bench-only
-extras: ``pip install -e .[bench]`` or ``pip install diffusers psutil``.
+Prints one JSON object on stdout; progress goes to stderr. diffusers is a bench-only extra:
+``pip install -e .[bench]`` or ``pip install diffusers``. See bench/README.md for how to read it.
 
     python bench/step.py                       # lite Stage C + B, bf16 and fp32, official sizes
     python bench/step.py --quick               # smaller spatial sizes, fewer iterations
@@ -332,8 +332,13 @@ def label_blocks(model, which):
             _label_calls(module, "forward", f"block::{name}")
 
 
+MATMUL_OPS = {"aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+              "aten::addmv", "aten::matmul", "aten::_mkl_linear"}
+
+
 def profile_step(stage, which, model, inputs, top: int) -> dict:
-    """Self time per op and total time per block type for one forward (after warm-up)."""
+    """Self time per op, per kind (matrix products, attention kernel, everything else) and per block
+    type, for one forward after warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
     label_blocks(model, which)
@@ -347,8 +352,15 @@ def profile_step(stage, which, model, inputs, top: int) -> dict:
                  key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     by_shape = sorted((e for e in prof.key_averages(group_by_input_shape=True) if not e.key.startswith("block::")),
                       key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in events:
+        if e.key.startswith("block::"):
+            continue
+        group = "matmul" if e.key in MATMUL_OPS else ("attention" if "scaled_dot_product" in e.key else "other")
+        groups[group] += e.self_cpu_time_total / 1e6
     return {
         "total_self_s": total_self / 1e6,
+        "self_s_by_kind": groups,
         "blocks": blocks,
         "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count,
                      "share": e.self_cpu_time_total / total_self} for e in ops],
@@ -479,7 +491,9 @@ def main(argv=None) -> int:
     threads = args.threads or cpu_count()
     torch.set_num_threads(threads)
     size_name = "quick" if args.quick else "official"
-    iters = args.iters or (10 if device.type == "cuda" else (3 if args.quick else 2))
+    iters = args.iters if args.iters is not None else (10 if device.type == "cuda" else (3 if args.quick else 2))
+    if iters < 1 or args.warmup < 0:
+        raise SystemExit("--iters must be >= 1 and --warmup >= 0")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     dtype_names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for s in stages:
