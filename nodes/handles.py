@@ -6,7 +6,7 @@ model (shared by every graph that loaded the same file) is never changed by a no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch

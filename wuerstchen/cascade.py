@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import pipeline
-from .checkpoints import KIND_TITLES, Detection, LoadedModel, inspect
+from .checkpoints import KIND_TITLES, LoadedModel, inspect
 from .management import ModelManager
 from .pipeline import Conditioning, StageBSettings, StageCSettings
 from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightFileError
@@ -36,12 +36,6 @@ NEEDED = {
 
 class MissingWeightsError(FileNotFoundError):
     pass
-
-
-@dataclass
-class FoundFile:
-    path: Path
-    detections: List[Detection]
 
 
 def scan_models(root: os.PathLike | str) -> Dict[str, List[tuple]]:

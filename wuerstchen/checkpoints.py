@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -62,8 +62,6 @@ class Detection:
     variant: str
     config: dict
     prefix: str = ""
-    # For layouts that need key renaming (CLIP), a function applied to the stripped state dict.
-    convert: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None
 
     @property
     def title(self) -> str:
@@ -80,7 +78,6 @@ class LoadedModel:
     module: nn.Module
     path: Optional[Path] = None
     dtype: Optional[torch.dtype] = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -532,10 +529,6 @@ def _check_shapes(module: nn.Module, shapes: Shapes, name: str, title: str) -> N
     raise CheckpointError("\n".join(lines))
 
 
-def _loadable_keys(module_keys: Iterable[str], shapes: Shapes) -> List[str]:
-    return [k for k in module_keys if k in shapes]
-
-
 def _accepted_list(kinds: Optional[Sequence[str]]) -> str:
     kinds = kinds or list(OFFICIAL_FILES)
     return "; ".join(f"{KIND_TITLES[k]}: {', '.join(OFFICIAL_FILES[k])}" for k in kinds)
@@ -654,7 +647,7 @@ def _ignorable(key: str) -> bool:
 
 
 def _materialize_leftover_meta(module: nn.Module, device) -> None:
-    """Non-persistent buffers (not in the file) are rebuilt on the target device."""
+    """Every buffer must have come from the file: none may be left on the meta device."""
     for mod in module.modules():
         for name, buf in list(mod._buffers.items()):
             if buf is not None and buf.is_meta:
@@ -667,7 +660,3 @@ def _finish(model: LoadedModel, dtype) -> LoadedModel:
     first = next((p for p in model.module.parameters()), None)
     model.dtype = first.dtype if first is not None else dtype
     return model
-
-
-def state_dict_from_module(module: nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in module.state_dict().items()}

@@ -337,7 +337,7 @@ class PackedMultiheadAttention(nn.Module):
         by ``query`` itself when ``self_attn`` (the official ``cat([x, kv])``). With self_attn,
         q, k and v of the query tokens come from one fused matrix product.
         """
-        c, heads = self.embed_dim, self.num_heads
+        c = self.embed_dim
         batch, length, _ = query.shape
         weight, bias = self.in_proj_weight, self.in_proj_bias
         if self_attn:
