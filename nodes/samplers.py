@@ -44,9 +44,7 @@ def stage_c_previewer(previewer: Optional[H.ModelHandle]):
 
     def show(x0: torch.Tensor):
         if previewer is not None:
-            param = next(previewer.module.parameters())
-            with torch.no_grad():
-                rgb = previewer.module(x0[:1].to(param.device, param.dtype)).float().clamp(0, 1).cpu()
+            rgb = pipeline.preview_stage_c(previewer.module, x0[:1])
         else:
             rgb = F.interpolate(pipeline.latent_rgb_preview(x0[:1].float().cpu()), scale_factor=8, mode="nearest")
         return _to_pil(rgb)

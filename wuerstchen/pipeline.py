@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sampling
+from .models.effnet import effnet_preprocess
 from .schedule import img2img_steps
 
 OFFICIAL_COMPRESSION = 42.67
 STAGE_B_COMPRESSION = 4
 EFFNET_COMPRESSION = 32
 STAGE_A_SCALE = 0.43
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]
 
@@ -331,9 +330,7 @@ def semantic_input(images: torch.Tensor, latent_size: Tuple[int, int]) -> torch.
     x = images.float()
     if tuple(x.shape[-2:]) != target:
         x = F.interpolate(x, size=target, mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return effnet_preprocess(x)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -33,7 +33,6 @@ _DTYPES: Mapping[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -231,18 +230,8 @@ def _is_tensor_dict(obj) -> bool:
     return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def iter_prefixed(shapes: Mapping[str, Tuple[int, ...]], prefix: str) -> Iterator[Tuple[str, Tuple[int, ...]]]:
-    for key, shape in shapes.items():
-        if key.startswith(prefix):
-            yield key[len(prefix):], shape
-
-
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: os.PathLike | str, metadata=None) -> None:
     """Write a safetensors file (used by the tiny-model writer and benchmarks)."""
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype))
