@@ -462,6 +462,19 @@ def sample_v2(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond: Ma
     return x
 
 
+def noise_to_v2(x0: torch.Tensor, t_start: float, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise a clean Würstchen v2 latent to time ``t_start``: sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε (Diffuzz.diffuse).
+
+    Sample it with a grid starting at ``t_start``; ``noise`` overrides the random draw.
+    """
+    abar = alpha_cumprod(t_start).to(x0.device)
+    x0 = x0.to(torch.float32)
+    if noise is None:
+        noise = _draw_noise(x0.shape, generator, x0.device)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise.to(device=x0.device, dtype=torch.float32)
+
+
 def noise_to(x0: torch.Tensor, t_start: float, generator: torch.Generator | None = None,
              noise: torch.Tensor | None = None) -> torch.Tensor:
     """Noise a clean latent to time ``t_start`` for img2img, as the official notebook does.
