@@ -31,9 +31,12 @@ from .tokenizer import (EOS_ID, MAX_CONTENT_TOKENS, CLIPTokenizer, parse_prompt_
                         tokenize)
 
 __all__ = [
-    "BIGG14_TEXT_CONFIG", "V2_PRIOR_TEXT_CONFIG", "V2_DECODER_TEXT_CONFIG", "CLIPTextEncoder", "TextEncoding", "config_from_state_dict",
-    "convert_text_state_dict", "hf_text_key_to_param", "tokenize",
+    "BIGG14_TEXT_CONFIG", "V2_PRIOR_TEXT_CONFIG", "V2_DECODER_TEXT_CONFIG", "CLIPTextEncoder", "TextEncoding",
+    "config_from_state_dict", "convert_text_state_dict", "hf_text_key_to_param", "tokenize",
 ]
+
+TEXT_FAMILIES = ("v3", "v2")
+"""Stable Cascade (v3) and Würstchen v2: which tokenizer, and which sequence conditions the model."""
 
 BIGG14_TEXT_CONFIG = MappingProxyType(dict(
     width=1280, layers=32, heads=20, mlp_width=5120, vocab_size=49408, context_length=77,
@@ -50,8 +53,6 @@ V2_DECODER_TEXT_CONFIG = MappingProxyType(dict(
 _HF_ANCHOR = "text_model.embeddings.token_embedding.weight"
 _HF_BARE_ANCHOR = "embeddings.token_embedding.weight"  # HF names without the text_model. wrapper
 _OPEN_CLIP_ANCHOR = "token_embedding.weight"
-TEXT_FAMILIES = ("v3", "v2")
-
 _HF_RENAMES = {
     "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
     "text_model.embeddings.position_embedding.weight": "positional_embedding",

@@ -69,6 +69,8 @@ def tokenizer_family(family: str) -> TokenizerFamily:
         return TOKENIZER_FAMILIES[family]
     except KeyError:
         raise ValueError(f"unknown tokenizer family {family!r}; choose one of {sorted(TOKENIZER_FAMILIES)}") from None
+
+
 _WHITESPACE_RUN = regex.compile(r"\p{White_Space}+")
 # The CLIP pre-tokenizer pattern as the fast tokenizer applies it (no IGNORECASE; Unicode
 # White_Space rather than Python's wider isspace()).

@@ -103,7 +103,6 @@ class _V2Net(CascadeUNet):
 
     def __init__(self):
         super().__init__()
-        self.t_conds = []  # one time input (r), no sca/crp
         self.register_load_state_dict_pre_hook(_fuse_hook)
 
     def _run(self, blocks, x, r_embed, clip, ws, skip=None):
