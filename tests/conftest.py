@@ -63,6 +63,16 @@ def load_v2(name: str):
     return meta, weights, io
 
 
+def recorded_seed(text: str) -> int:
+    """The seed in a JSON field such as ``"torch.Generator().manual_seed(4010)"``."""
+    import re
+
+    match = re.search(r"manual_seed\((\d+)\)", text)
+    if match is None:
+        raise ValueError(f"no manual_seed(...) in {text!r}")
+    return int(match.group(1))
+
+
 def load_v2_file(name: str):
     """A named file of ``v2/`` (e.g. ``v2_prior_sampling.weights.safetensors``) as a state dict."""
     from safetensors.torch import load_file

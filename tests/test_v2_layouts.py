@@ -57,13 +57,16 @@ def test_stable_cascade_files_and_the_vqgan_are_not_claimed(name):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["diffusers_keys", "original_keys"])
 def test_tiny_vectors_round_trip(fused):
-    for name, detect, heads in (("v2_prior", detect_v2_prior, 2), ("v2_decoder", detect_v2_decoder, [-1, 2, 2, 2])):
+    for name, detect in (("v2_prior", detect_v2_prior), ("v2_decoder", detect_v2_decoder)):
         meta, sd, _ = load_v2(name)
+        heads = meta["config"]["nhead"]  # not readable from shapes at tiny widths
         sd = dict(sd)
         if fused:
             fuse_attention_keys(sd)
         config = detect({k: tuple(v.shape) for k, v in sd.items()}, heads=heads)
-        assert config == meta["config"], name
+        unreadable = ("dropout",)  # the released value is assumed
+        assert {k: v for k, v in config.items() if k not in unreadable} == \
+            {k: v for k, v in meta["config"].items() if k not in unreadable}, name
 
 
 def test_text_towers():

@@ -70,16 +70,17 @@ def test_v2_text_weights_load_with_and_without_text_model_prefix(name):
 
 def test_projection_free_tower_still_refused_where_stable_cascade_needs_pooled():
     meta, _, sd, _ = tower("v2_clip_text_prior")
-    with pytest.raises(KeyError, match="no text projection"):
-        config_from_state_dict(sd, heads=4)
-    with pytest.raises(KeyError, match="no text projection"):
-        CLIPTextEncoder.from_state_dict(sd, heads=4, family="v3")
-    config = config_from_state_dict(sd, heads=4, require_projection=False)
     c = meta["config"]
-    assert config == dict(width=c["hidden_size"], layers=c["num_hidden_layers"], heads=4,
+    heads = c["num_attention_heads"]
+    with pytest.raises(KeyError, match="no text projection"):
+        config_from_state_dict(sd, heads=heads)
+    with pytest.raises(KeyError, match="no text projection"):
+        CLIPTextEncoder.from_state_dict(sd, heads=heads, family="v3")
+    config = config_from_state_dict(sd, heads=heads, require_projection=False)
+    assert config == dict(width=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
                           mlp_width=c["intermediate_size"], vocab_size=c["vocab_size"],
                           context_length=c["max_position_embeddings"], projection_dim=None, activation="gelu")
-    detected = detect_v2_text({k: tuple(v.shape) for k, v in sd.items()}, heads=4)
+    detected = detect_v2_text({k: tuple(v.shape) for k, v in sd.items()}, heads=heads)
     assert {k: detected[k] for k in config} == config and detected["family"] == "v2"
 
 
