@@ -105,10 +105,11 @@ class _V2Net(CascadeUNet):
         super().__init__()
         self.register_load_state_dict_pre_hook(_fuse_hook)
 
-    def _run(self, blocks, x, r_embed, clip, ws, skip=None):
+    def _run(self, blocks, x, r_embed, clip, ws):
+        """Run blocks on the channels-last stream (ResBlocks without extra inputs)."""
         for block in blocks:
             if isinstance(block, ResBlock):
-                x = block.forward_nhwc(x, skip, ws)
+                x = block.forward_nhwc(x, None, ws)
             elif isinstance(block, TimestepBlock):
                 x = block.forward_nhwc(x, r_embed, ws)
             elif isinstance(block, AttnBlock):
