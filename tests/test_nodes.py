@@ -330,6 +330,6 @@ def test_controlnet_inputs_are_checked(models):
     with pytest.raises(NodeError, match="needs the semantic compressor"):
         run("WuerstchenControlNetApply", controlnet=super_res, **common)
     canny = load("WuerstchenControlNetLoader", "controlnet/canny.safetensors")
-    with pytest.raises(NodeError, match=r"end_percent \(0.2\) is before start_percent \(0.5\)"):
+    with pytest.raises(NodeError, match=r"WuerstchenControlNetApply: ControlNet end \(0.2\) is before start \(0.5\)"):
         run("WuerstchenControlNetApply", controlnet=canny, image=image, strength=1.0, start_percent=0.5,
             end_percent=0.2)

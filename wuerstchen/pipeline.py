@@ -108,9 +108,16 @@ class LoraUse:
         return cls(load_lora(path), float(model_strength), float(text_strength))
 
 
+def _has_part(lora, part: str) -> bool:
+    if part == "stage_c":
+        return bool(lora.stage_c or lora.stage_c_indexed)
+    return bool(lora.text or lora.embeddings)
+
+
 @contextlib.contextmanager
 def _loras_applied(model: nn.Module, loras: Sequence[LoraUse], part: str) -> Iterator[None]:
-    stack = [(use.file, use.model_strength if part == "stage_c" else use.text_strength) for use in loras]
+    stack = [(use.file, use.model_strength if part == "stage_c" else use.text_strength)
+             for use in loras if _has_part(use.file, part)]
     if not stack:
         yield
         return
@@ -188,14 +195,16 @@ def encode_image_embeds(vision_encoder: nn.Module, images: torch.Tensor) -> torc
     return vision_encoder.encode(pixels).float().cpu()
 
 
-def check_conditioning(config: dict, cond: Conditioning) -> None:
-    """Refuse conditioning whose widths do not fit a Stage C ``config`` (another text or image encoder)."""
-    if cond.clip_text.shape[-1] != config["c_clip_text"] or cond.clip_text_pooled.shape[-1] != config["c_clip_text_pooled"]:
-        raise ValueError(f"the conditioning has width {cond.clip_text.shape[-1]} but this Stage C expects "
-                         f"{config['c_clip_text']}: encode the prompt with the CLIP-G (ViT-bigG) text encoder")
-    if cond.clip_img is not None and cond.clip_img.shape[-1] != config["c_clip_img"]:
-        raise ValueError(f"image tokens are {cond.clip_img.shape[-1]} wide, this Stage C expects "
-                         f"{config['c_clip_img']} (the ViT-L/14 image encoder)")
+def _check_conditioning(stage_c: nn.Module, cond: Conditioning) -> None:
+    """Refuse conditioning whose widths do not fit Stage C (made by another text or image encoder)."""
+    text, pooled = stage_c.clip_txt_mapper.in_features, stage_c.clip_txt_pooled_mapper.in_features
+    if cond.clip_text.shape[-1] != text or cond.clip_text_pooled.shape[-1] != pooled:
+        raise ValueError(f"the conditioning has width {cond.clip_text.shape[-1]} but this Stage C expects {text}: "
+                         "encode the prompt with the CLIP-G (ViT-bigG) text encoder")
+    image = stage_c.clip_img_mapper.in_features
+    if cond.clip_img is not None and cond.clip_img.shape[-1] != image:
+        raise ValueError(f"image tokens are {cond.clip_img.shape[-1]} wide, this Stage C expects {image} "
+                         "(the ViT-L/14 image encoder)")
 
 
 def with_image_embeds(cond: Conditioning, embeds: torch.Tensor, strengths: Optional[Sequence[float]] = None) -> Conditioning:
@@ -239,6 +248,8 @@ def sample_stage_c(
     ``loras`` patch Stage C for this call only. Each ControlNet hint in ``control`` runs once and its
     maps reach Stage C as ``cnet`` at the steps of its range, counted in the steps this run takes.
     """
+    for side in (cond, uncond):
+        _check_conditioning(model, side)
     device = _model_param(model).device
     generator = cpu_generator(seed)
     c_clip_img = model.clip_img_mapper.in_features
@@ -311,6 +322,10 @@ def sample_stage_b(
     callback: Optional[ProgressFn] = None,
 ) -> torch.Tensor:
     """Sample the Stage B latent [B, 4, H/4, W/4] (official scale) for output ``size`` (H, W)."""
+    width = model.clip_mapper.in_features
+    for p in (pooled, pooled_uncond):
+        if p.shape[-1] != width:
+            raise ValueError(f"pooled text embedding is {p.shape[-1]} wide, Stage B expects {width}")
     device = _model_param(model).device
     batch = stage_c_latent.shape[0]
     h, w = stage_b_latent_size(*size)

@@ -153,7 +153,8 @@ class _GuidedModel:
     cfg: float
     cfg_rho: float
 
-    def __call__(self, x: torch.Tensor, r: torch.Tensor, step_inputs: Mapping[str, Any]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, r: torch.Tensor, step_inputs: Mapping[str, Any] | None = None) -> torch.Tensor:
+        step_inputs = step_inputs or {}
         if self.batched_inputs is None:
             return self.model(x, r, **self.cond_inputs, **step_inputs).float()
         out = self.model(torch.cat([x, x], dim=0), r.repeat(2), **self.batched_inputs, **step_inputs).float()
