@@ -190,3 +190,16 @@ def test_lora_strengths(tiny_dir):
     assert (use.model_strength, use.text_strength) == (0.5, 0.5)
     use = cli.parse_lora(f"{path}:0.5:-1")
     assert (use.model_strength, use.text_strength) == (0.5, -1.0)
+
+
+def test_a_missing_controlnet_is_named_before_any_sampling(tiny_dir, pictures, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_dir, models, ignore=shutil.ignore_patterns("controlnet"))
+    sampled = []
+    monkeypatch.setattr(StageC, "forward", lambda *a, **k: sampled.append(1))
+    rc = generate(models, tmp_path, "--control", f"canny={pictures / 'square.png'}")
+    err = capsys.readouterr().err
+    assert rc == 2 and not sampled
+    assert "no canny ControlNet" in err and "controlnet/canny.safetensors" in err

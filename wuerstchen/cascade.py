@@ -105,7 +105,7 @@ class Cascade:
         self.files = files
         self.manager = manager or ModelManager()
         self.root = root
-        self._controlnets: Optional[Dict[str, tuple]] = None
+        self._controlnets: Optional[Dict[str, Path]] = None  # variant -> file, scanned on first use
 
     def model(self, kind: str) -> LoadedModel:
         self.files.require([kind], self.root)
@@ -113,17 +113,21 @@ class Cascade:
         return self.manager.load(path, [kind])
 
     def controlnet_file(self, kind: str) -> Path:
-        """The ControlNet file for ``kind`` (canny, inpainting, super_resolution), found by content."""
+        """The ControlNet file for ``kind`` (canny, inpainting, super_resolution), found by content:
+        the one :class:`CascadeFiles` picked if it is of that kind, else the first under ``root``."""
+        picked = self.files.parts.get("controlnet")
+        if picked is not None and picked[1].variant == kind:
+            return picked[0]
         if self._controlnets is None:
             found = scan_models(self.root).get("controlnet", [])
             self._controlnets = {}
             for path, det in sorted(found, key=lambda e: (e[1].prefix != "", str(e[0]))):
-                self._controlnets.setdefault(det.variant, (path, det))
+                self._controlnets.setdefault(det.variant, path)
         if kind not in self._controlnets:
             raise MissingWeightsError(
                 f"Missing model weights in {self.root}: no {kind} ControlNet. Download controlnet/{kind}.safetensors "
                 f"from {HF_REPO}/tree/main/controlnet and put it anywhere under {self.root}.")
-        return self._controlnets[kind][0]
+        return self._controlnets[kind]
 
     def controlnet(self, kind: str) -> LoadedModel:
         return self.manager.load(self.controlnet_file(kind), ["controlnet"])
