@@ -1,4 +1,10 @@
-"""Command line: ``python -m wuerstchen generate …`` and ``python -m wuerstchen tiny-models DIR``."""
+"""Command line: ``python -m wuerstchen generate …`` and ``python -m wuerstchen tiny-models DIR``.
+
+``generate`` takes LoRAs (``--lora PATH[:MODEL_STRENGTH[:TEXT_STRENGTH]]``, repeatable: stacked) and
+ControlNet hints (``--control KIND=IMAGE[:STRENGTH][:START:END]``, repeatable: chained, ``--mask``
+for inpainting). Everything the command line names is read and checked first: a value that cannot
+be used is one ``error:`` line and exit code 2 before any model loads.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,6 @@ import numpy as np
 import torch
 
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONTROL_KINDS = ("canny", "inpainting", "super_resolution")  # wuerstchen.control.KINDS, without importing torch models
 
 
 class UsageError(ValueError):
@@ -19,6 +24,7 @@ class UsageError(ValueError):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .control import KINDS
     from .sampling import SAMPLERS
 
     p = argparse.ArgumentParser(prog="python -m wuerstchen", description="Stable Cascade (Würstchen v3) text-to-image.")
@@ -50,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="apply a LoRA to Stage C (and its text part to CLIP-G); repeat to stack. TEXT_STRENGTH "
                         "defaults to MODEL_STRENGTH, which defaults to 1")
     g.add_argument("--control", action="append", default=[], metavar="KIND=IMAGE[:STRENGTH][:START:END]",
-                   help=f"ControlNet hint, KIND one of {', '.join(CONTROL_KINDS)}; repeat to chain. START/END are "
+                   help=f"ControlNet hint, KIND one of {', '.join(KINDS)}; repeat to chain. START/END are "
                         "fractions of the Stage C steps run (default 0 and 1); canny takes a picture or an edge map, "
                         "super_resolution the low-resolution image")
     g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint), for --control inpainting")
@@ -111,12 +117,12 @@ def parse_lora(spec: str):
 
 def parse_control(spec: str, mask: Optional[torch.Tensor]):
     """``KIND=IMAGE[:STRENGTH][:START:END]`` -> a :class:`~wuerstchen.control.Control`."""
-    from .control import Control
+    from .control import KINDS, Control
 
     kind, sep, rest = spec.partition("=")
-    if not sep or kind not in CONTROL_KINDS:
+    if not sep or kind not in KINDS:
         raise UsageError(f"--control {spec!r}: expected KIND=IMAGE[:STRENGTH][:START:END] with KIND one of "
-                         f"{', '.join(CONTROL_KINDS)}")
+                         f"{', '.join(KINDS)}")
     path, numbers = _split_numbers(rest, 3, "--control")
     strength, start, end = 1.0, 0.0, 1.0
     if len(numbers) in (1, 3):

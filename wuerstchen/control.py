@@ -224,7 +224,7 @@ def active_steps(start: float, end: float, steps: int) -> range:
     return range(max(first, 0), min(stop, steps))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Control:
     """What a user asks for: a ControlNet ``kind`` (see :data:`KINDS`), its image, mask, strength and
     step range. :class:`~wuerstchen.cascade.Cascade` finds the ControlNet and prepares the input."""
@@ -244,7 +244,7 @@ class Control:
             raise ControlInputError("the inpainting ControlNet needs a mask (white = area to repaint)", "mask")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Hint:
     """One prepared ControlNet application: the net, its input map, strength and step range."""
 
