@@ -274,3 +274,32 @@ def test_control_images_must_fit_the_batch(nets):
     schedule = ControlSchedule([hint], batch=4)  # two images tile over four latents
     first = next(m for m in schedule.at(0, 1) if m is not None)
     assert first.shape[0] == 4 and torch.equal(first[:2], first[2:])
+
+
+def test_the_sampling_loop_asks_step_inputs_at_every_step():
+    """A StepInput gets (step, steps) before each model call; its value is batched like any input
+    (shared by both CFG halves when only cond has it) and reused while the same object comes back."""
+    from wuerstchen import sampling
+
+    asked = []
+
+    class StepIndex(sampling.StepInput):
+        def at(self, step, steps):
+            asked.append((step, steps))
+            return torch.full((1, 1), float(step // 2))  # a new object every step
+
+    seen = []
+
+    def model(x, r, clip, index):
+        seen.append(index.flatten().tolist())
+        return torch.zeros_like(x)
+
+    clip = torch.zeros(1, 3)
+    sampling.sample(model, torch.zeros(1, 4, 2, 2), {"clip": clip, "index": StepIndex()}, {"clip": clip}, steps=4,
+                    cfg=3.0, shift=1.0)
+    assert asked == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert seen == [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    seen.clear()
+    sampling.sample(model, torch.zeros(1, 4, 2, 2), {"clip": clip, "index": StepIndex()}, None, steps=2, cfg=1.0,
+                    shift=1.0)
+    assert seen == [[0.0], [0.0]]
