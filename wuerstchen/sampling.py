@@ -43,6 +43,19 @@ class SamplingInterrupted(Exception):
     """Raise this from a sampling callback to stop sampling; it propagates out of :func:`sample`."""
 
 
+class StepInput:
+    """A model input whose value depends on the step, e.g. ControlNet maps used for part of a run.
+
+    Put one in ``cond``/``uncond`` like any other input: before each model call the loop asks it
+    for ``at(step, steps)``, with the 0-based step index and the number of steps this run takes
+    (for img2img, the steps actually run), and uses the value it returns. Return the *same*
+    object for steps that share a value: the loop then reuses its batched copy.
+    """
+
+    def at(self, step: int, steps: int) -> Any:
+        raise NotImplementedError
+
+
 Callback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -145,12 +158,49 @@ class _GuidedModel:
     cfg: float
     cfg_rho: float
 
-    def __call__(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, r: torch.Tensor, step_inputs: Mapping[str, Any] | None = None) -> torch.Tensor:
+        step_inputs = step_inputs or {}
         if self.batched_inputs is None:
-            return self.model(x, r, **self.cond_inputs).float()
-        out = self.model(torch.cat([x, x], dim=0), r.repeat(2), **self.batched_inputs).float()
+            return self.model(x, r, **self.cond_inputs, **step_inputs).float()
+        out = self.model(torch.cat([x, x], dim=0), r.repeat(2), **self.batched_inputs, **step_inputs).float()
         eps_cond, eps_uncond = out.chunk(2)
         return guide(eps_cond, eps_uncond, self.cfg, self.cfg_rho)
+
+
+class _StepInputs:
+    """The :class:`StepInput` values of cond/uncond, resolved and batched for one step."""
+
+    def __init__(self, cond: Mapping[str, Any], uncond: Mapping[str, Any] | None, batch: int,
+                 device: torch.device, paired: bool):
+        uncond = uncond or {}
+        keys = [k for k in list(cond) + [k for k in uncond if k not in cond]
+                if isinstance(cond.get(k), StepInput) or isinstance(uncond.get(k), StepInput)]
+        self.items = [(k, cond.get(k, uncond.get(k)), uncond.get(k, cond.get(k))) for k in keys]
+        self.batch, self.device, self.paired = batch, device, paired
+        self._last: dict[str, tuple] = {}
+
+    def at(self, step: int, steps: int) -> dict[str, Any]:
+        out = {}
+        for key, c, u in self.items:
+            vc = c.at(step, steps) if isinstance(c, StepInput) else c
+            vu = vc if u is c else (u.at(step, steps) if isinstance(u, StepInput) else u)
+            last = self._last.get(key)
+            if last is not None and last[0] is vc and last[1] is vu:
+                out[key] = last[2]
+                continue
+            if self.paired:
+                value = _pair_inputs(key, vc, vu, self.batch, self.device)
+            else:
+                value = _single_inputs(key, vc, self.batch, self.device)
+            self._last[key] = (vc, vu, value)
+            out[key] = value
+        return out
+
+
+def _split_step_inputs(inputs: Mapping[str, Any] | None, step_keys: set) -> dict[str, Any] | None:
+    if inputs is None:
+        return None
+    return {k: v for k, v in inputs.items() if k not in step_keys}
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +388,9 @@ def sample_steps(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond:
 
     x = x_init.detach().to(torch.float32).clone()
     batch, device = x.shape[0], x.device
+    per_step = _StepInputs(cond, uncond, batch, device, paired=cfg != 1)
+    step_keys = {key for key, _c, _u in per_step.items}
+    cond, uncond = _split_step_inputs(cond, step_keys), _split_step_inputs(uncond, step_keys)
     if cfg == 1:
         guided = _GuidedModel(model, None, {k: _single_inputs(k, v, batch, device) for k, v in cond.items()},
                               cfg, cfg_rho)
@@ -349,7 +402,7 @@ def sample_steps(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond:
 
     for i in range(steps):
         r = schedule.r[i].expand(batch).to(device)
-        eps = guided(x, r)
+        eps = guided(x, r, per_step.at(i, steps))
         a, b = schedule.a[i], schedule.b[i]
         a_next, b_next = schedule.a[i + 1], schedule.b[i + 1]
         x0 = (x - eps * b.item()) / a.item()
@@ -367,7 +420,8 @@ def sample(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond: Mappi
 
     ``model(x, r, **inputs)`` must return the epsilon prediction; ``r`` is the per-sample model time.
     ``cond``/``uncond`` are the model's keyword inputs for the two guidance halves, evaluated in
-    one batched call [cond; uncond] per step (see :func:`batch_conditioning`). ``uncond`` may be
+    one batched call [cond; uncond] per step (see :func:`batch_conditioning`); an input that is a
+    :class:`StepInput` is asked for its value at every step. ``uncond`` may be
     None only when ``cfg == 1``. ``callback(step, steps, x0)`` runs after every step (step counts
     from 1); anything it raises, e.g. :class:`SamplingInterrupted`, propagates at once.
     For img2img, noise the latent with :func:`noise_to` and pass ``t_start`` and the step count
