@@ -44,6 +44,7 @@ NODES = [
     ("stage_a", "WuerstchenStageALoader", 0, {"model_name": "stage_a.safetensors"}),
     ("clip", "WuerstchenCLIPTextLoader", 0, {"model_name": "text_encoder/model.safetensors", "dtype": "fp32"}),
     ("cnet", "WuerstchenControlNetLoader", 0, {"model_name": "controlnet/canny.safetensors"}),
+    ("previewer", "WuerstchenPreviewerLoader", 0, {"model_name": "previewer.safetensors"}),  # muted below
     ("note", "Note", 0, {"text": "A note: the editor keeps it in the workflow and never sends it."}),
     # dynamicPrompts: the editor strips // and /* */ comments, resolves {a|b} choices (one option
     # here, so the result is fixed) and unescapes \{ \}.
@@ -86,6 +87,7 @@ LINKS = [
     ("negative", "CONDITIONING", "sampler_c", "negative"),
     ("latent", "stage_c", "sampler_c", "latent"),
     ("apply", "control", "sampler_c", "control"),
+    ("previewer", "previewer", "sampler_c", "previewer"),  # fed by a muted node: left out of the prompt
     ("stage_b", "stage_b", "sampler_b", "stage_b"),
     ("sampler_c", "stage_c", "sampler_b", "stage_c"),
     ("positive", "CONDITIONING", "sampler_b", "positive"),
@@ -113,10 +115,12 @@ async ([nodes, links, primitiveValue]) => {
       widget.value = value;
     }
     // room for what grows after creation: image previews, this pack's size read-out
-    rows[column] += node.size[1] + 70 + (values.image ? 300 : 0) + (node.widgets || []).filter(w => w.serialize === false && !w.options?.values).length * 130;
+    const readouts = (node.widgets || []).filter(w => w.serialize === false && !w.options?.values).length;
+    rows[column] += node.size[1] + 70 + (values.image ? 300 : 0) + readouts * 130;
     made[key] = node;
   }
   made.muted.mode = LiteGraph.NEVER;  // "mute" (Ctrl+M)
+  made.previewer.mode = LiteGraph.NEVER;
   made.muted.title = 'Muted preview';
   made.positive.title = 'Positive prompt';
   const primitive = LiteGraph.createNode('PrimitiveNode');
@@ -193,7 +197,8 @@ def main(argv=None) -> int:
                 prompt_id, t0 = body["prompt_id"], time.time()
                 while time.time() - t0 < 300:
                     history = http_json(f"{base}/history/{prompt_id}").get(prompt_id)
-                    if history and (history["status"].get("completed") or history["status"].get("status_str") == "error"):
+                    status = (history or {}).get("status", {})
+                    if status.get("completed") or status.get("status_str") == "error":
                         break
                     time.sleep(0.5)
                 else:
