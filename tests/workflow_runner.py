@@ -32,8 +32,12 @@ if str(REPO) not in sys.path:  # tools/ is imported from the repository root
 
 from tools import comfy_core_nodes as core  # noqa: E402
 from tools.editor_rules import (  # noqa: E402
-    EDITOR_ONLY_NODES, MODE_ALWAYS, MODE_MUTED, choices, is_widget, link_table, node_label, options, sent_inputs,
+    EDITOR_ONLY_NODES, MODE_ALWAYS, MODE_MUTED, WidgetSlot, choices, is_widget, link_table, node_label, options,
+    sent_inputs, widget_slots,
 )
+
+__all__ = ["WorkflowError", "WorkflowRunner", "core_nodes", "load_workflow", "value_problem", "runtime_value_problem",
+           "canny_edges", "is_widget", "widget_slots", "WidgetSlot"]  # the last three: from tools/editor_rules.py
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 

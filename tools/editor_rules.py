@@ -22,6 +22,8 @@ The rules, as the editor applies them:
   PrimitiveNode, Reroute) and muted ones; a widget fed by a PrimitiveNode gets the primitive's value,
   an input fed by a muted node is left out, and STRING widgets with ``dynamicPrompts`` are sent with
   comments removed and {a|b} choices made.
+The fixture shows each of these except the ones read from the frontend's source alone: combo
+controls and their filter text, video/animated upload flags, forceInput, "COMBO" specs, Reroute.
 """
 
 from __future__ import annotations
@@ -100,10 +102,11 @@ def has_control(name: str, spec: Sequence) -> bool:
 
 @dataclass(frozen=True)
 class WidgetSlot:
-    """One entry of ``widgets_values``: input ``name``'s own value, or, when ``editor_only`` is set
-    (control_after_generate, control_filter_list or upload), an editor-only value belonging to it."""
+    """One entry of ``widgets_values``: input ``name``'s own value, or an editor-only value
+    (``editor_only``: control_after_generate, control_filter_list or upload; ``name`` None, ``spec``
+    the input it follows)."""
 
-    name: str
+    name: Optional[str]
     spec: Sequence
     editor_only: str = ""
 
@@ -121,9 +124,9 @@ def widget_slots(input_types: Mapping) -> List[WidgetSlot]:
                 continue
             slots.append(WidgetSlot(name, spec))
             if has_control(name, spec):
-                slots.append(WidgetSlot(name, spec, CONTROL_WIDGET))
+                slots.append(WidgetSlot(None, spec, CONTROL_WIDGET))
                 if widget_type(spec) == "COMBO":
-                    slots.append(WidgetSlot(name, spec, FILTER_WIDGET))
+                    slots.append(WidgetSlot(None, spec, FILTER_WIDGET))
         if section == "required":
             upload = _upload_slot(input_types.get("required") or {})
             if upload:  # the editor adds the upload button as one more required input, i.e. last
@@ -133,9 +136,9 @@ def widget_slots(input_types: Mapping) -> List[WidgetSlot]:
 
 def _upload_slot(required: Mapping) -> Optional[WidgetSlot]:
     """The upload button of the first required combo asking for one, as the editor finds it."""
-    for name, spec in required.items():
+    for spec in required.values():
         if widget_type(spec) == "COMBO" and any(options(spec).get(flag) is True for flag in UPLOAD_FLAGS):
-            return WidgetSlot(name, spec, UPLOAD_WIDGET)
+            return WidgetSlot(None, spec, UPLOAD_WIDGET)
     return None
 
 
