@@ -32,6 +32,9 @@ def folder(tmp_path):
                str(root / "old.pt"))  # Automatic1111's layout
     torch.save(torch.randn(3, WIDTH, generator=g), str(root / "three.bin"))
     save_file({"emb_params": torch.randn(1, 768, generator=g)}, str(root / "sd15.safetensors"))
+    save_file({"bundle_emb.a.clip_g": torch.randn(1, WIDTH, generator=g),  # a OneTrainer LoRA's tokens
+               "bundle_emb.b.clip_g": torch.randn(2, WIDTH, generator=g),
+               "lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(root / "onetrainer.safetensors"))
     (tmp_path / "outside.safetensors").write_bytes((root / "styles" / "ink.safetensors").read_bytes())
     return root, vectors
 
@@ -69,6 +72,10 @@ def test_every_file_layout(encoder, folder):
     old = torch.load(str(root / "old.pt"), weights_only=True)["string_to_param"]["*"]
     assert torch.equal(resolver("old"), old)
     assert torch.equal(resolver("three.bin"), torch.load(str(root / "three.bin"), weights_only=True))
+    from safetensors.torch import load_file
+
+    bundle = load_file(str(root / "onetrainer.safetensors"))
+    assert torch.equal(resolver("onetrainer"), torch.cat([bundle["bundle_emb.a.clip_g"], bundle["bundle_emb.b.clip_g"]]))
     with torch.no_grad():
         text, _ = encoder.encode_prompts("embedding:three x embedding:old", embeddings=[root])
     want, _ = row_encoding(encoder, [resolver("three"), " x ", old])
@@ -106,7 +113,7 @@ def test_mappings_and_callables_resolve_too(encoder):
 
 
 @pytest.mark.parametrize("prompt, message", [
-    ("a embedding:nope b", r"embedding:nope: no such file in .*embeddings .*available: old, sd15, styles/ink, three"),
+    ("a embedding:nope b", r"embedding:nope: no such file in .*embeddings .*available: old, onetrainer, sd15, styles/ink, three"),
     ("embedding:../outside", r"embedding:../outside: no such file"),
     ("embedding:sd15", r"embedding:sd15 has vectors 768 wide, but this text encoder takes 24"),
 ])

@@ -6,8 +6,9 @@ the resolver looks in ComfyUI's ``embeddings`` folders, on the command line in a
 the user, from Python anything that maps a name to a tensor.
 
 Files: ``.safetensors``, or ``.pt`` / ``.bin`` read with ``torch.load(weights_only=True)``. The
-vectors are the ``clip_g`` tensor (SDXL-style files carry ``clip_l`` and ``clip_g``), else the
-single tensor under ``string_to_param`` (Automatic1111's layout), else the file's only tensor.
+vectors are the ``clip_g`` tensor (SDXL-style files carry ``clip_l`` and ``clip_g``; a OneTrainer
+file's ``bundle_emb.*.clip_g`` are joined), else the single tensor under ``string_to_param``
+(Automatic1111's layout), else the file's only tensor.
 A name is looked up as given, then with each of those suffixes, and only inside the folders.
 """
 
@@ -67,6 +68,9 @@ def read_embedding_file(path: Union[str, os.PathLike], name: Optional[str] = Non
         tensors = _flatten(obj)
     floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
     picked = [v for k, v in floats.items() if k == TEXT_ENCODER_KEY or k.endswith("." + TEXT_ENCODER_KEY)]
+    bundled = [v for k, v in floats.items() if k.startswith("bundle_emb.") and k.endswith("." + TEXT_ENCODER_KEY)]
+    if len(picked) > 1 and len(bundled) == len(picked):  # a OneTrainer LoRA's tokens, in file order (as ComfyUI)
+        picked = [torch.cat([v.reshape(-1, v.shape[-1]) for v in bundled])]
     if not picked:
         picked = [v for k, v in floats.items() if k.startswith("string_to_param.")]
     if not picked and len(floats) == 1:
