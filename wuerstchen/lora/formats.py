@@ -169,7 +169,7 @@ class NameTable:
                 continue
             template = re.sub(r"(?<![^.])\d+(?![^.])", "#", module)
             self._add(template, _Entry(template, _rel(params["weight"], module), _rel(params.get("bias", ""), module)))
-            if module.endswith(".in_proj") and f"{module[:-8]}.out_proj" in modules:
+            if module.endswith(".in_proj") and module[: -len(".in_proj")] + ".out_proj" in modules:
                 self._add_attention_aliases(template[: -len(".in_proj")])
 
     def _add(self, dotted: str, entry: _Entry) -> None:

@@ -299,7 +299,7 @@ def describe_match(lora: LoraFile, matches: Sequence[LoraMatch]) -> str:
         text += f" and {tokens} learned token{'s' if tokens > 1 else ''}"
     notes = []
     if missing:
-        notes.append(f"{len(missing)} name weights this model does not have, e.g. {missing[0]}")
+        notes.append(f"{len(missing)} for weights this model does not have, e.g. {missing[0]}")
     if lora.unused:
         key, why = lora.unused[0]
         notes.append(f"{len(lora.unused)} keys not for this model, e.g. {key} ({why})")

@@ -348,8 +348,8 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], *, name: str = "LoRA",
         default_scale = peft_scales.get(component, peft_scales.get("", 1.0))
         deltas = _module_deltas(name, module, roles, target, default_scale)
         for d in deltas:
-            kinds[d.kind + ("+dora" if d.dora_scale is not None else "")] = \
-                kinds.get(d.kind + ("+dora" if d.dora_scale is not None else ""), 0) + 1
+            kind = d.kind + ("+dora" if d.dora_scale is not None else "")
+            kinds[kind] = kinds.get(kind, 0) + 1
         (stage_c if target.part == "stage_c" else text).extend(deltas)
 
     indexed = _official_entries(name, official)
