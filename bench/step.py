@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wuerstchen.configs import STAGE_B, STAGE_C, official  # noqa: E402
 from wuerstchen.models import StageB, StageC  # noqa: E402
-from wuerstchen.models import blocks as our_blocks  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 STAGE_NAMES = {"c": "stage_c_lite", "b": "stage_b_lite"}
@@ -315,17 +314,11 @@ def _label_calls(obj, method_name, label):
 
 
 def label_blocks(model, which):
-    """Profiler ranges per block type; ours calls ``forward_nhwc`` so hooks would not fire."""
-    if which == "ours":
-        kinds = {our_blocks.ResBlock: "ResBlock", our_blocks.AttnBlock: "AttnBlock",
-                 our_blocks.TimestepBlock: "TimestepBlock", our_blocks.FeedForwardBlock: "FeedForwardBlock"}
-        for module in model.modules():
-            for cls, name in kinds.items():
-                if type(module) is cls:
-                    _label_calls(module, "forward_nhwc", f"block::{name}")
-        return
-    names = {"SDCascadeResBlock": "ResBlock", "SDCascadeAttnBlock": "AttnBlock",
-             "SDCascadeTimestepBlock": "TimestepBlock"}
+    """Profiler ranges per block type (both implementations run their blocks through ``forward``)."""
+    names = ({"ResBlock": "ResBlock", "AttnBlock": "AttnBlock", "TimestepBlock": "TimestepBlock",
+              "FeedForwardBlock": "FeedForwardBlock"} if which == "ours" else
+             {"SDCascadeResBlock": "ResBlock", "SDCascadeAttnBlock": "AttnBlock",
+              "SDCascadeTimestepBlock": "TimestepBlock"})
     for module in model.modules():
         name = names.get(type(module).__name__)
         if name:

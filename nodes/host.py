@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from wuerstchen.kinds import KINDS, OWN_FOLDER
 from wuerstchen.management import ManagerHooks, ModelManager
 
 try:  # inside ComfyUI
@@ -28,21 +29,15 @@ except ImportError:  # plain Python, CI
     IN_COMFYUI = False
 
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
-OWN_FOLDER = "wuerstchen"
 
-# Which ComfyUI model folders each loader lists (our own folder first).
+# Which ComfyUI model folders each loader lists: a model kind's own (our folder first), plus the
+# roles that are not one kind of network (LoRAs, single-file checkpoints).
 FOLDERS = {
-    "stage_c": (OWN_FOLDER, "diffusion_models", "checkpoints"),
-    "stage_b": (OWN_FOLDER, "diffusion_models", "checkpoints"),
-    "stage_a": (OWN_FOLDER, "vae"),
-    "effnet": (OWN_FOLDER, "vae"),
-    "previewer": (OWN_FOLDER, "vae", "vae_approx"),
-    "clip_text": (OWN_FOLDER, "text_encoders"),
-    "clip_vision": (OWN_FOLDER, "clip_vision"),
-    "controlnet": (OWN_FOLDER, "controlnet"),
+    **{name: kind.folder_list() for name, kind in KINDS.items()},
     "lora": ("loras", OWN_FOLDER),
     "checkpoint": ("checkpoints", OWN_FOLDER),
 }
+
 # Fallback layout without ComfyUI: folder name -> sub-folders of the models root.
 _SUBFOLDERS = {
     OWN_FOLDER: ("wuerstchen",), "diffusion_models": ("unet", "diffusion_models"), "checkpoints": ("checkpoints",),

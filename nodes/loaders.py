@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from wuerstchen.checkpoints import KIND_TITLES, CheckpointError
+from wuerstchen import kinds
+from wuerstchen.checkpoints import CheckpointError
 
 from . import handles as H
 from .host import NodeError, list_models, manager, resolve_model
@@ -30,14 +33,16 @@ def _file_input(role: str, tip: str):
 class _SingleLoader:
     """One file -> one network of ``KIND``."""
 
-    ROLE = KIND = OUTPUT = TIP = ""
+    ROLE = KIND = OUTPUT = NOTE = ""
     WITH_DTYPE = False
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls):
-        required = {"model_name": _file_input(cls.ROLE, cls.TIP)}
+        kind = kinds.get(cls.KIND)
+        tip = f"{kind.title}: {kind.file_names()} of the release, or any file holding one (found by content). {cls.NOTE}"
+        required = {"model_name": _file_input(cls.ROLE, tip.strip())}
         if cls.WITH_DTYPE:
             required["dtype"] = (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TIP})
         return {"required": required}
@@ -51,7 +56,6 @@ class WuerstchenStageCLoader(_SingleLoader):
     RETURN_TYPES = (H.STAGE_C,)
     RETURN_NAMES = ("stage_c",)
     WITH_DTYPE = True
-    TIP = "Stage C file: stage_c.safetensors, stage_c_bf16, stage_c_lite, stage_c_lite_bf16 (or any file holding one)."
     DESCRIPTION = "Loads Stable Cascade's Stage C, the text-conditional prior (3.6B or 1B lite)."
 
 
@@ -60,7 +64,6 @@ class WuerstchenStageBLoader(_SingleLoader):
     RETURN_TYPES = (H.STAGE_B,)
     RETURN_NAMES = ("stage_b",)
     WITH_DTYPE = True
-    TIP = "Stage B file: stage_b.safetensors, stage_b_bf16, stage_b_lite, stage_b_lite_bf16."
     DESCRIPTION = "Loads Stable Cascade's Stage B, which turns a Stage C latent into a VQGAN latent."
 
 
@@ -68,7 +71,6 @@ class WuerstchenStageALoader(_SingleLoader):
     ROLE = KIND = "stage_a"
     RETURN_TYPES = (H.STAGE_A,)
     RETURN_NAMES = ("stage_a",)
-    TIP = "Stage A file: stage_a.safetensors (the VQGAN)."
     DESCRIPTION = "Loads Stage A, the VQGAN that decodes Stage B latents to pixels."
 
 
@@ -76,7 +78,7 @@ class WuerstchenSemanticCompressorLoader(_SingleLoader):
     ROLE = KIND = "effnet"
     RETURN_TYPES = (H.EFFNET,)
     RETURN_NAMES = ("semantic_compressor",)
-    TIP = "effnet_encoder.safetensors (also found inside ComfyUI's combined effnet+previewer VAE file)."
+    NOTE = "Also found inside ComfyUI's combined effnet+previewer VAE file."
     DESCRIPTION = "Loads the EfficientNetV2-S semantic compressor that encodes images into Stage C latents."
 
 
@@ -84,7 +86,7 @@ class WuerstchenPreviewerLoader(_SingleLoader):
     ROLE = KIND = "previewer"
     RETURN_TYPES = (H.PREVIEWER,)
     RETURN_NAMES = ("previewer",)
-    TIP = "previewer.safetensors (also found inside ComfyUI's combined effnet+previewer VAE file)."
+    NOTE = "Also found inside ComfyUI's combined effnet+previewer VAE file."
     DESCRIPTION = "Loads the Stage C previewer for fast previews of Stage C latents."
 
 
@@ -93,7 +95,7 @@ class WuerstchenCLIPTextLoader(_SingleLoader):
     RETURN_TYPES = (H.CLIP_TEXT,)
     RETURN_NAMES = ("clip",)
     WITH_DTYPE = True
-    TIP = "CLIP ViT-bigG-14 text encoder: text_encoder/model.safetensors of the release (Hugging Face or open_clip layout)."
+    NOTE = "Hugging Face or open_clip layout."
     DESCRIPTION = "Loads the CLIP-G text encoder with the official tokenizer behaviour."
 
 
@@ -101,7 +103,7 @@ class WuerstchenCLIPVisionLoader(_SingleLoader):
     ROLE = KIND = "clip_vision"
     RETURN_TYPES = (H.CLIP_VISION,)
     RETURN_NAMES = ("clip_vision",)
-    TIP = "CLIP ViT-L/14 image encoder: image_encoder/model.safetensors of stable-cascade-prior (same file as ComfyUI's clip_vision)."
+    NOTE = "From stable-cascade-prior; the same file as ComfyUI's clip_vision."
     DESCRIPTION = "Loads the ViT-L/14 image encoder used for image variations."
 
 
@@ -109,7 +111,6 @@ class WuerstchenControlNetLoader(_SingleLoader):
     ROLE = KIND = "controlnet"
     RETURN_TYPES = (H.CONTROLNET,)
     RETURN_NAMES = ("controlnet",)
-    TIP = "A Stable Cascade ControlNet: controlnet/canny, inpainting or super_resolution.safetensors."
     DESCRIPTION = "Loads a Stage C ControlNet (canny, inpainting/outpainting, super-resolution)."
 
 
@@ -129,7 +130,8 @@ class WuerstchenCheckpointLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "ckpt_name": _file_input("checkpoint", "A single-file checkpoint: stable_cascade_stage_c or stable_cascade_stage_b."),
+            "ckpt_name": _file_input("checkpoint", "A single-file checkpoint: "
+                                     + ", ".join(Path(b.name).name for b in kinds.BUNDLES) + "."),
             "dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TIP}),
         }}
 
@@ -146,7 +148,7 @@ def require(handle, kind: str, node: str, socket: str):
     """The model behind a socket, or a clear message when a checkpoint output was empty."""
     if handle is None:
         raise NodeError(f"{node}: nothing arrives at '{socket}'. The checkpoint wired there has no "
-                        f"{KIND_TITLES[kind]}; load one with its own loader.")
+                        f"{kinds.title(kind)}; load one with its own loader.")
     if handle.model.kind != kind:
-        raise NodeError(f"{node}: '{socket}' expects {KIND_TITLES[kind]}, got {handle.model.title}")
+        raise NodeError(f"{node}: '{socket}' expects {kinds.title(kind)}, got {handle.model.title}")
     return handle

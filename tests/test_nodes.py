@@ -219,9 +219,24 @@ def test_manager_cache_returns_the_same_model(models):
     again = load("WuerstchenStageCLoader", "stage_c.safetensors", dtype="auto")
     assert again.model is first.model
     fp32 = load("WuerstchenStageCLoader", "stage_c.safetensors", dtype="fp32")
-    assert fp32.model is not first.model and fp32.model.dtype == torch.float32
+    assert fp32.model is first.model  # "auto" is float32 on the CPU: the same file in the same dtype
+    bf16 = load("WuerstchenStageCLoader", "stage_c.safetensors", dtype="bf16")
+    assert bf16.model is not first.model and bf16.model.dtype == torch.bfloat16
     path = models / "wuerstchen" / "stage_c.safetensors"
     assert host.manager().load(path, ["stage_c"]) is first.model
+
+
+def test_one_file_is_one_module_whichever_loader_asks(models):
+    """The Stage C loader and the single-file checkpoint loader on one file share one module."""
+    ckpt = "stable_cascade_stage_c.safetensors"
+    from_ckpt = run("WuerstchenCheckpointLoader", ckpt_name=ckpt, dtype="bf16")
+    stage_c = load("WuerstchenStageCLoader", ckpt, dtype="bf16")
+    effnet = load("WuerstchenSemanticCompressorLoader", ckpt)
+    assert stage_c.model is from_ckpt[0].model
+    assert effnet.model.module is host.manager().load_parts(models / "wuerstchen" / ckpt, ["effnet"])["effnet"].module
+    same_file = [m for m in host.manager().cached()
+                 if m.kind == "stage_c" and m.path.name == ckpt and m.dtype == torch.bfloat16]
+    assert len(same_file) == 1
 
 
 def test_lora_changes_the_result_and_leaves_the_cache_untouched(models, basics):

@@ -14,24 +14,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import pipeline
-from .checkpoints import KIND_TITLES, LoadedModel, inspect
+from . import kinds as kind_table
+from .checkpoints import LoadedModel, inspect
 from .management import ModelManager
 from .pipeline import Conditioning, StageBSettings, StageCSettings
 from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightFileError
-
-HF_REPO = "https://huggingface.co/stabilityai/stable-cascade"
-HF_PRIOR_REPO = "https://huggingface.co/stabilityai/stable-cascade-prior"
-
-# Where each needed part comes from, for the missing-weights message.
-NEEDED = {
-    "stage_c": ("stage_c_bf16.safetensors (or stage_c_lite_bf16.safetensors)", HF_REPO),
-    "stage_b": ("stage_b_bf16.safetensors (or stage_b_lite_bf16.safetensors)", HF_REPO),
-    "stage_a": ("stage_a.safetensors", HF_REPO),
-    "clip_text": ("text_encoder/model.safetensors", HF_REPO + "/tree/main/text_encoder"),
-    "effnet": ("effnet_encoder.safetensors (img2img only)", HF_REPO),
-    "clip_vision": ("image_encoder/model.safetensors (image variations only)", HF_PRIOR_REPO + "/tree/main/image_encoder"),
-    "previewer": ("previewer.safetensors (previews only)", HF_REPO),
-}
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -57,12 +44,13 @@ def scan_models(root: os.PathLike | str) -> Dict[str, List[tuple]]:
 
 
 def _prefer(entries: List[tuple], variant: Optional[str]) -> tuple:
-    """Pick a file: the requested variant, else the full model; single-purpose files first."""
+    """Pick a file: the requested variant, else the release's main one (the full model rather than
+    lite); single-purpose files before combined checkpoints."""
     def score(entry):
         path, det = entry
         return (
             0 if variant is None or det.variant == variant else 1,
-            0 if det.variant in ("full", "official", "bigG", "ViT-L-14") else 1,
+            0 if det.variant == kind_table.get(det.kind).files[0].variant else 1,
             0 if det.prefix == "" else 1,
             str(path),
         )
@@ -90,8 +78,9 @@ class CascadeFiles:
             return
         lines = [f"Missing model weights in {root}:"]
         for k in missing:
-            name, url = NEEDED[k]
-            lines.append(f"  - {KIND_TITLES[k]}: {name}  (download from {url})")
+            kind = kind_table.get(k)
+            purpose = f" ({kind.purpose})" if kind.purpose else ""
+            lines.append(f"  - {kind.title}{purpose}: one of {kind.file_names()}  (download from {kind.download})")
         lines.append(f"Put the files anywhere under {root} (sub-folders are fine); they are recognised by "
                      "their contents, not their names. ComfyUI users can point --models at ComfyUI/models.")
         raise MissingWeightsError("\n".join(lines))

@@ -49,15 +49,6 @@ CONTROLNET = {
     "super_resolution": dict(c_in=16, c_proj=2048, proj_blocks=CONTROLNET_PROJ_BLOCKS, bottleneck_mode="large"),
 }
 
-# Human names used in messages and the README.
-VARIANT_TITLES = {
-    ("stage_c", "full"): "Stage C (3.6B)",
-    ("stage_c", "lite"): "Stage C lite (1B)",
-    ("stage_b", "full"): "Stage B (3B / 1.5B params)",
-    ("stage_b", "lite"): "Stage B lite (700M)",
-}
-
-
 def official(table: dict, variant: str) -> dict:
     """A deep copy of an official config, safe to modify."""
     return copy.deepcopy(table[variant])

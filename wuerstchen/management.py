@@ -10,21 +10,20 @@ device choice, memory freeing and interruption through :class:`ManagerHooks`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .checkpoints import LoadedModel, load_parts
-
-# Kinds whose activations overflow float16 (Stage C is the known black-image case).
-FP16_GUARDED_KINDS = ("stage_c", "stage_b")
-
+from . import kinds
+from .checkpoints import LoadedModel, inspect, load_parts
+from .weights_io import WeightSource
 
 class ManagerHooks:
     """Integration points; the defaults are for plain Python and the CLI."""
@@ -74,31 +73,61 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def physical_memory() -> Optional[int]:
+    """Bytes of RAM of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_cache_budget() -> Optional[int]:
+    """How much RAM the model cache may fill by default: 3/4 of the machine's."""
+    total = physical_memory()
+    return None if total is None else total * 3 // 4
+
+
 @dataclass(frozen=True)
-class CacheKey:
+class FileKey:
+    """One file's contents (path, size, modification time) read in one dtype (None = the file's)."""
+
     path: str
     size: int
     mtime_ns: int
     dtype: Optional[str]
-    kinds: Tuple[str, ...]
+
+
+@dataclass
+class _CacheEntry:
+    present: Tuple[str, ...]  # the kinds of network the file holds
+    models: Dict[str, LoadedModel] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(module_bytes(m.module) for m in self.models.values())
 
 
 class ModelManager:
-    """Loads (cached by path, size, mtime and dtype), places and offloads models.
+    """Loads (cached by file and dtype), places and offloads models.
 
+    One file read in one dtype is one module per network, whichever loader asked for it (a Stage C
+    loader and a single-file checkpoint loader on the same file share the Stage C module). The
+    cache on the offload device is bounded by ``cache_budget`` bytes ("auto": 3/4 of the RAM; None:
+    unbounded): loading past it first drops the least recently used files that are not running.
     ``memory_budget`` (bytes) caps what the manager keeps on the compute device at once; None
     means "one running set at a time": everything else is offloaded before a model runs.
-    ``dtype`` is the preferred compute dtype, or None to choose per device (bf16 where
-    supported on an accelerator, float32 on CPU, float16 with the overflow guard otherwise).
+    ``dtype`` is the preferred weight dtype, or None to choose per device (bf16 where supported on
+    an accelerator, float32 on CPU, float16 with the overflow guard otherwise).
     """
 
     def __init__(self, hooks: Optional[ManagerHooks] = None, memory_budget: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None):
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None,
+                 cache_budget: Optional[int] | str = "auto"):
         self.hooks = hooks or ManagerHooks()
         self.memory_budget = memory_budget
+        self.cache_budget = default_cache_budget() if cache_budget == "auto" else cache_budget
         self.preferred_dtype = dtype
         self._device_override = torch.device(device) if device is not None else None
-        self._cache: "OrderedDict[CacheKey, Dict[str, LoadedModel]]" = OrderedDict()
+        self._cache: "OrderedDict[FileKey, _CacheEntry]" = OrderedDict()
         self._resident: "OrderedDict[int, LoadedModel]" = OrderedDict()  # id(module) -> model on compute device
         self._lock = threading.RLock()
 
@@ -107,8 +136,8 @@ class ModelManager:
     def device(self) -> torch.device:
         return self._device_override or self.hooks.compute_device()
 
-    def compute_dtype(self, kind: str, file_dtype: Optional[torch.dtype] = None) -> torch.dtype:
-        """dtype a model of ``kind`` runs in on the current device."""
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype weights are loaded in when the caller names none."""
         if self.preferred_dtype is not None:
             return self.preferred_dtype
         device = self.device
@@ -128,38 +157,61 @@ class ModelManager:
 
     def load_parts(self, path: os.PathLike | str, kinds: Optional[Sequence[str]] = None,
                    dtype: Optional[torch.dtype] = None) -> Dict[str, LoadedModel]:
+        """The networks of ``kinds`` (all if None) that the file holds, loaded once per file and dtype."""
         path = Path(path)
         st = path.stat()
-        kinds_t = tuple(kinds) if kinds else ()
-        key = CacheKey(str(path.resolve()), st.st_size, st.st_mtime_ns, str(dtype) if dtype else None, kinds_t)
+        target = dtype if dtype is not None else self.weight_dtype()
+        key = FileKey(str(path.resolve()), st.st_size, st.st_mtime_ns, str(target))
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            # A changed file (same path, new mtime/size) replaces the stale entries; the same file
-            # in another dtype is a separate, still valid entry.
-            for stale in [k for k in self._cache if k.path == key.path and k.kinds == kinds_t
-                          and (k.size, k.mtime_ns) != (key.size, key.mtime_ns)]:
-                self._drop(stale)
-            target = dtype if dtype is not None else self._load_dtype(kinds_t)
-            parts = load_parts(path, kinds=kinds or None, dtype=target, device=self.hooks.offload_device())
-            for model in parts.values():
-                self._prepare(model)
-            self._cache[key] = parts
-            return parts
+            entry = self._cache.get(key)
+            if entry is None:
+                # A changed file (same path, new size/mtime) makes its entries stale.
+                for stale in [k for k in self._cache if k.path == key.path and (k.size, k.mtime_ns) != (key.size, key.mtime_ns)]:
+                    self._drop(stale)
+                entry = _CacheEntry(tuple(d.kind for d in inspect(path)))
+            wanted = [k for k in entry.present if kinds is None or k in kinds]
+            missing = [k for k in wanted if k not in entry.models]
+            if missing or not wanted:  # nothing wanted: load_parts raises the "expected X, found Y" error
+                self._make_room(self._estimate_bytes(path, target), keep=key)
+                parts = load_parts(path, kinds=missing or kinds, dtype=target, device=self.hooks.offload_device())
+                for model in parts.values():
+                    self._prepare(model)
+                entry.models.update(parts)
+            self._cache[key] = entry
+            self._cache.move_to_end(key)
+            return {k: entry.models[k] for k in wanted}
 
-    def _load_dtype(self, kinds: Tuple[str, ...]) -> Optional[torch.dtype]:
-        if self.preferred_dtype is not None:
-            return self.preferred_dtype
-        kind = kinds[0] if kinds else "stage_c"
-        return self.compute_dtype(kind)
+    @staticmethod
+    def _estimate_bytes(path: Path, dtype: torch.dtype) -> int:
+        """Bytes the file's floating tensors take in ``dtype`` (others as stored)."""
+        src = WeightSource(path)
+        size = torch.empty((), dtype=dtype).element_size()
+        total = 0
+        for key, shape in src.shapes().items():
+            stored = src.dtypes()[key]
+            total += math.prod(shape) * (size if stored.is_floating_point else torch.empty((), dtype=stored).element_size())
+        return total
+
+    def _make_room(self, incoming: int, keep: FileKey) -> None:
+        """Drop least recently used cache entries (not running) until ``incoming`` more bytes fit."""
+        if self.cache_budget is None:
+            return
+        used = sum(e.nbytes() for e in self._cache.values())
+        running = {id(m.module) for m in self._resident.values()}
+        for key in list(self._cache):
+            if used + incoming <= self.cache_budget:
+                break
+            if key == keep or any(id(m.module) in running for m in self._cache[key].models.values()):
+                continue
+            used -= self._cache[key].nbytes()
+            self._drop(key)
 
     def _prepare(self, model: LoadedModel) -> None:
-        if model.kind in FP16_GUARDED_KINDS and hasattr(model.module, "fp16_guard"):
+        if kinds.get(model.kind).fp16_guard and hasattr(model.module, "fp16_guard"):
             model.module.fp16_guard = model.dtype == torch.float16
 
-    def _drop(self, key: CacheKey) -> None:
-        for model in self._cache.pop(key).values():
+    def _drop(self, key: FileKey) -> None:
+        for model in self._cache.pop(key).models.values():
             self._resident.pop(id(model.module), None)
 
     def clear(self) -> None:
@@ -168,7 +220,7 @@ class ModelManager:
             self._resident.clear()
 
     def cached(self) -> List[LoadedModel]:
-        return [m for parts in self._cache.values() for m in parts.values()]
+        return [m for entry in self._cache.values() for m in entry.models.values()]
 
     # -- placement -----------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import Dict, List
 import torch
 
 from .checkpoints import CONFIG_METADATA_KEY, build_module
+from .kinds import BUNDLES, KINDS
 from .weights_io import save_safetensors
 
 TEXT = dict(vocab_size=49408, hidden_size=24, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
@@ -142,11 +143,32 @@ def _prefixed(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Te
 
 
 def _cast(state: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
+
+
+# The tiny config of each (kind, variant) of the release; kinds.KINDS says which files hold which.
+TINY_CONFIGS = {
+    ("stage_c", "full"): STAGE_C, ("stage_c", "lite"): STAGE_C_LITE,
+    ("stage_b", "full"): STAGE_B, ("stage_b", "lite"): STAGE_B_LITE,
+    ("stage_a", "official"): STAGE_A, ("effnet", "official"): EFFNET, ("previewer", "official"): PREVIEWER,
+    ("clip_text", "bigG"): TEXT, ("clip_vision", "ViT-L-14"): VISION,
+    **{("controlnet", name): cfg for name, cfg in CONTROLNETS.items()},
+}
+
+
+def tiny_state(kind: str, variant: str, seed: int) -> Dict[str, torch.Tensor]:
+    """Random tensors in the official layout of ``kind``'s ``variant``, at its tiny size (float32)."""
+    config = TINY_CONFIGS[(kind, variant)]
+    if kind == "clip_text":
+        return text_encoder_state(seed)
+    if kind == "clip_vision":
+        return vision_encoder_state(seed)
+    return _random_module_state(kind, config, seed)
 
 
 def write_tiny_models(root, seed: int = 0) -> List[Path]:
-    """Write the whole tiny release under ``root``; returns the written paths."""
+    """Write the whole tiny release under ``root`` (every official file name, and ComfyUI's
+    single-file checkpoints); returns the written paths."""
     root = Path(root)
     written: List[Path] = []
 
@@ -156,50 +178,21 @@ def write_tiny_models(root, seed: int = 0) -> List[Path]:
         save_safetensors(state, path, metadata=metadata)
         written.append(path)
 
-    stage_c = _random_module_state("stage_c", STAGE_C, seed)
-    stage_c_lite = _random_module_state("stage_c", STAGE_C_LITE, seed + 1)
-    stage_b = _random_module_state("stage_b", STAGE_B, seed + 2)
-    stage_b_lite = _random_module_state("stage_b", STAGE_B_LITE, seed + 3)
-    stage_a = _random_module_state("stage_a", STAGE_A, seed + 4)
-    effnet = _random_module_state("effnet", EFFNET, seed + 5)
-    previewer = _random_module_state("previewer", PREVIEWER, seed + 6)
-    text = text_encoder_state(seed + 7)
-    vision = vision_encoder_state(seed + 8)
+    states: Dict[tuple, Dict[str, torch.Tensor]] = {}
+    for kind in KINDS.values():
+        for file in kind.files:
+            key = (kind.name, file.variant)
+            if key not in states:
+                states[key] = tiny_state(kind.name, file.variant, seed + len(states))
+            save(file.name, _cast(states[key], file.dtype), _meta(**{kind.name: TINY_CONFIGS[key]}))
 
-    text_hint = {"clip_text": TEXT}
-    vision_hint = {"clip_vision": VISION}
-    save("stage_c.safetensors", stage_c, _meta(stage_c=STAGE_C))
-    save("stage_c_bf16.safetensors", _cast(stage_c, torch.bfloat16), _meta(stage_c=STAGE_C))
-    save("stage_c_lite.safetensors", stage_c_lite, _meta(stage_c=STAGE_C_LITE))
-    save("stage_c_lite_bf16.safetensors", _cast(stage_c_lite, torch.bfloat16), _meta(stage_c=STAGE_C_LITE))
-    save("stage_b.safetensors", stage_b, _meta(stage_b=STAGE_B))
-    save("stage_b_bf16.safetensors", _cast(stage_b, torch.bfloat16), _meta(stage_b=STAGE_B))
-    save("stage_b_lite.safetensors", stage_b_lite, _meta(stage_b=STAGE_B_LITE))
-    save("stage_b_lite_bf16.safetensors", _cast(stage_b_lite, torch.bfloat16), _meta(stage_b=STAGE_B_LITE))
-    save("stage_a.safetensors", stage_a, _meta(stage_a=STAGE_A))
-    save("effnet_encoder.safetensors", effnet, _meta(effnet=EFFNET))
-    save("previewer.safetensors", previewer, _meta(previewer=PREVIEWER))
-    save("text_encoder/model.safetensors", text, _meta(**text_hint))
-    save("image_encoder/model.safetensors", vision, _meta(**vision_hint))
-    for i, (name, cfg) in enumerate(CONTROLNETS.items()):
-        save(f"controlnet/{name}.safetensors", _random_module_state("controlnet", cfg, seed + 20 + i),
-             _meta(controlnet=cfg))
-
-    # ComfyUI's single-file checkpoints from the release's comfyui_checkpoints folder.
-    comfy_c = {}
-    comfy_c.update(_prefixed(stage_c, "model.diffusion_model."))
-    comfy_c.update(_prefixed(effnet, "vae.encoder."))
-    comfy_c.update(_prefixed(previewer, "vae.previewer."))
-    comfy_c.update(_prefixed(text, "text_encoder."))
-    comfy_c.update(_prefixed(vision, "clip_l_vision."))
-    save("stable_cascade_stage_c.safetensors", _cast(comfy_c, torch.bfloat16),
-         _meta(stage_c=STAGE_C, effnet=EFFNET, previewer=PREVIEWER, **text_hint, **vision_hint))
-    comfy_b = {}
-    comfy_b.update(_prefixed(stage_b, "model.diffusion_model."))
-    comfy_b.update(_prefixed(stage_a, "vae."))
-    comfy_b.update(_prefixed(text, "text_encoder."))
-    save("stable_cascade_stage_b.safetensors", _cast(comfy_b, torch.bfloat16),
-         _meta(stage_b=STAGE_B, stage_a=STAGE_A, **text_hint))
+    for bundle in BUNDLES:
+        state, hints = {}, {}
+        for kind_name, prefix in bundle.parts.items():
+            variant = KINDS[kind_name].files[0].variant
+            state.update(_prefixed(states[(kind_name, variant)], prefix))
+            hints[kind_name] = TINY_CONFIGS[(kind_name, variant)]
+        save(bundle.name, _cast(state, bundle.dtype), _meta(**hints))
 
     written.extend(write_tiny_loras(root, seed=seed + 40))
     return written

@@ -11,6 +11,10 @@ ways, all reproduced here on top of open_clip's bundled BPE vocabulary (identica
 * the result is ``[49406] + first 75 ids + [49407]``, padded with 0 to 77;
 * the attention mask is 1 for BOS, the content and the appended EOS, 0 for the padding.
 
+Würstchen v2's hub tokenizers (``family="v2"``) differ in two ways: they pad with
+``<|endoftext|>`` (49407), and ``!`` is an ordinary character there (``!`` -> 256, ``!!`` -> 748).
+Everything else, the mask included, is the same.
+
 Words added with :meth:`CLIPTokenizer.add_tokens` behave like Hugging Face ``add_tokens``
 (non-special, matched on the normalised text) and get ids from 49408 on, in insertion order.
 :func:`parse_prompt_weights` reads ComfyUI's emphasis syntax; the text encoder applies it.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import unicodedata
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -37,6 +42,35 @@ MAX_CONTENT_TOKENS = CONTEXT_LENGTH - 2
 
 _SPECIAL_IDS = {"!": PAD_ID, "<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID}
 _SPECIAL_SPLIT = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>|!)")
+
+
+@dataclass(frozen=True)
+class TokenizerFamily:
+    """What differs between the tokenizers of the model families: the pad id and the special strings
+    cut out of the raw text before normalisation."""
+
+    name: str
+    pad_id: int
+    special_ids: dict
+    special_split: regex.Pattern
+
+
+TOKENIZER_FAMILIES = {
+    # Stable Cascade (Würstchen v3): laion bigG tokenizer, pad token "!".
+    "v3": TokenizerFamily("v3", PAD_ID, _SPECIAL_IDS, _SPECIAL_SPLIT),
+    # Würstchen v2 hub tokenizers: pad token <|endoftext|>, "!" is plain text.
+    "v2": TokenizerFamily("v2", EOS_ID, {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID},
+                          regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")),
+}
+
+
+def tokenizer_family(family: str) -> TokenizerFamily:
+    try:
+        return TOKENIZER_FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown tokenizer family {family!r}; choose one of {sorted(TOKENIZER_FAMILIES)}") from None
+
+
 _WHITESPACE_RUN = regex.compile(r"\p{White_Space}+")
 # The CLIP pre-tokenizer pattern as the fast tokenizer applies it (no IGNORECASE; Unicode
 # White_Space rather than Python's wider isspace()).
@@ -132,11 +166,17 @@ def normalize_text(text: str) -> str:
 
 
 class CLIPTokenizer:
-    """Official-exact CLIP tokenizer; optionally with extra words (see :meth:`add_tokens`)."""
+    """Official-exact CLIP tokenizer; optionally with extra words (see :meth:`add_tokens`).
+
+    ``family`` "v3" (default) is Stable Cascade's tokenizer, "v2" Würstchen v2's (pad 49407, ``!``
+    ordinary).
+    """
 
     context_length = CONTEXT_LENGTH
 
-    def __init__(self, vocabulary: BPEVocabulary | None = None):
+    def __init__(self, vocabulary: BPEVocabulary | None = None, family: str = "v3"):
+        self.family = tokenizer_family(family)
+        self.pad_id = self.family.pad_id
         self._vocabulary = vocabulary
         self._cache: dict[str, tuple[int, ...]] = {}
         self._added: list[str] = []
@@ -183,17 +223,17 @@ class CLIPTokenizer:
             self._added = [w for w in self._added if w not in set(keys)]
         self._rebuild_added_pattern()
 
-    @staticmethod
-    def check_added_word(word: str) -> str:
+    def check_added_word(self, word: str) -> str:
         """The normalised form of a word that can be added; ValueError saying why if it cannot."""
         if not isinstance(word, str):
             raise ValueError(f"added token {word!r} must be a string")
         key = normalize_text(word)
         if not key.strip() or key != key.strip():
             raise ValueError(f"added token {word!r} must be non-empty without outer whitespace")
-        if _SPECIAL_SPLIT.search(key):
-            raise ValueError(f"added token {word!r} contains a special string ('!' or <|...|>), which the "
-                             "tokenizer always splits off")
+        if self.family.special_split.search(key):
+            raise ValueError(f"added token {word!r} contains a special string "
+                             f"({', '.join(repr(k) for k in self.family.special_ids)}), which the tokenizer "
+                             "always splits off")
         return key
 
     def _rebuild_added_pattern(self) -> None:
@@ -208,9 +248,10 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Content ids of ``text``: no BOS/EOS, no truncation."""
         ids: list[int] = []
-        for piece in _SPECIAL_SPLIT.split(text):
-            if piece in _SPECIAL_IDS:
-                ids.append(_SPECIAL_IDS[piece])
+        special = self.family.special_ids
+        for piece in self.family.special_split.split(text):
+            if piece in special:
+                ids.append(special[piece])
             elif piece:
                 self._encode_normalized(normalize_text(piece), ids)
         return ids
@@ -251,12 +292,11 @@ class CLIPTokenizer:
                 out += b" "
         return out.decode("utf-8", errors="replace").strip()
 
-    @staticmethod
-    def window(content_ids: Sequence[int]) -> tuple[list[int], list[int]]:
-        """BOS + at most 75 content ids + EOS, padded with 0 to 77; and the attention mask."""
+    def window(self, content_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """BOS + at most 75 content ids + EOS, padded to 77 with the pad id; and the attention mask."""
         ids = [BOS_ID, *content_ids[:MAX_CONTENT_TOKENS], EOS_ID]
         mask = [1] * len(ids) + [0] * (CONTEXT_LENGTH - len(ids))
-        return ids + [PAD_ID] * (CONTEXT_LENGTH - len(ids)), mask
+        return ids + [self.pad_id] * (CONTEXT_LENGTH - len(ids)), mask
 
     def __call__(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, both int64 [B, 77], exactly as the official code."""
@@ -427,11 +467,15 @@ def split_embedding_refs(text: str) -> list[str | tuple[str, float | None]]:
     return out
 
 
-@lru_cache(maxsize=1)
-def _plain_tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer()
+@lru_cache(maxsize=None)
+def _plain_tokenizer(family: str = "v3") -> CLIPTokenizer:
+    return CLIPTokenizer(family=family)
 
 
-def tokenize(prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official Stable Cascade tokenization: ``(input_ids, attention_mask)``, int64 [B, 77]."""
-    return _plain_tokenizer()(prompts)
+def tokenize(prompts: str | Sequence[str], family: str = "v3") -> tuple[torch.Tensor, torch.Tensor]:
+    """Official tokenization, ``(input_ids, attention_mask)``, int64 [B, 77].
+
+    ``family`` "v3": Stable Cascade's ids; "v2": the Würstchen v2 hub tokenizers' ids.
+    """
+    tokenizer_family(family)  # a clear error before the cache sees an unknown name
+    return _plain_tokenizer(family)(prompts)

@@ -3,8 +3,9 @@
 Names that the model does not have are left out and reported; a change whose name exists but
 whose shape does not fit means the LoRA was made for another model, and the whole LoRA is
 refused with a message that says which model it looks made for. What the official models look
-like (titles, widths, attention counts) is read from :mod:`wuerstchen.configs` by building each
-official config on the meta device, never restated here.
+like (widths, attention counts) is read by building each official config of
+:mod:`wuerstchen.configs` on the meta device, and titles come from :mod:`wuerstchen.kinds`; nothing
+is restated here.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def _attention_blocks(shapes: Mapping[str, Sequence[int]]) -> int:
 
 def official_titles(kind: str = "stage_c") -> Dict[int, str]:
     """Attention width -> title of each official ``kind`` ("stage_c" / "stage_b") variant."""
-    from ..configs import STAGE_B, STAGE_C, VARIANT_TITLES
+    from .. import kinds
+    from ..configs import STAGE_B, STAGE_C
 
     variants = STAGE_C if kind == "stage_c" else STAGE_B
-    return {_attention_width(_official_shapes(kind, v)): VARIANT_TITLES[(kind, v)] for v in variants}
+    return {_attention_width(_official_shapes(kind, v)): kinds.title(kind, v) for v in variants}
 
 
 def stage_b_widths() -> List[int]:
@@ -97,10 +99,11 @@ def describe_model(shapes: Mapping[str, Sequence[int]], part: str) -> str:
 
 
 def _official_stage_c_signatures() -> Dict[str, Tuple[int, int]]:
-    from ..configs import STAGE_C, VARIANT_TITLES
+    from .. import kinds
+    from ..configs import STAGE_C
 
-    return {VARIANT_TITLES[("stage_c", v)]: (_attention_width(_official_shapes("stage_c", v)),
-                                              _attention_blocks(_official_shapes("stage_c", v)))
+    return {kinds.title("stage_c", v): (_attention_width(_official_shapes("stage_c", v)),
+                                         _attention_blocks(_official_shapes("stage_c", v)))
             for v in STAGE_C}
 
 
@@ -126,10 +129,10 @@ def describe_lora_widths(deltas: Sequence[WeightDelta]) -> str:
 
 def _official_weight_counts() -> Dict[int, str]:
     """Number of official-format weights per official Stage C variant -> its title."""
-    from ..configs import STAGE_C, VARIANT_TITLES
+    from .. import kinds
+    from ..configs import STAGE_C
 
-    return {len(official_lora_modules(_official_shapes("stage_c", v))): VARIANT_TITLES[("stage_c", v)]
-            for v in STAGE_C}
+    return {len(official_lora_modules(_official_shapes("stage_c", v))): kinds.title("stage_c", v) for v in STAGE_C}
 
 
 # ----------------------------------------------------------------------------------------------

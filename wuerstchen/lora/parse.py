@@ -446,10 +446,11 @@ def _embeddings(name: str, tensors: Mapping[str, torch.Tensor], bundles, token_w
         raise LoraError(f"{name}: its learned tokens have different widths {widths}; one text encoder has one "
                         "width, so the file is broken")
     seen: Dict[str, str] = {}
+    tokenizer = CLIPTokenizer()  # Stable Cascade's: the words it can hold (no vocabulary is read)
     for e in embeddings:
         for word in e.words:
             try:
-                key = CLIPTokenizer.check_added_word(word)
+                key = tokenizer.check_added_word(word)
             except ValueError as exc:
                 raise LoraError(f"{name}: learned token {e.source} cannot be used: {exc}") from None
             if key in seen and seen[key] != e.source:

@@ -2,12 +2,12 @@
 
 Every block keeps the official module layout, so ``state_dict()`` keys and shapes match the
 released checkpoints (including the packed ``attention.attn.in_proj_weight`` of
-``nn.MultiheadAttention``), and its ``forward`` takes ``[B, C, H, W]`` like the official block.
-The arithmetic is rewritten for speed, within float32 rounding of the official results:
+``nn.MultiheadAttention``). The arithmetic is rewritten for speed, within float32 rounding of the
+official results:
 
-* The networks keep the residual stream channels-last (``[B, H, W, C]``, contiguous) and call
-  each block's ``forward_nhwc``, so the channel-wise MLPs, norms and attention projections
-  need no permute copies.
+* The networks keep the residual stream channels-last (``[B, H, W, C]``, contiguous): every
+  block's ``forward`` takes and returns channels-last tensors (unlike the official NCHW blocks),
+  so the channel-wise MLPs, norms and attention projections need no permute copies.
 * Under no_grad the networks pass a :class:`Workspace`: large temporaries go into reused
   buffers and residual updates are accumulated in place (on CPU, allocating and first touching
   a large tensor costs about as much as the arithmetic on it).
@@ -17,7 +17,7 @@ The arithmetic is rewritten for speed, within float32 rounding of the official r
 Mixed precision ("fp16 guard"): when a block receives a float32 tensor while its weights are
 float16, the heavy matrix products still run in float16, on an input rescaled by a power of two
 so it cannot overflow, and everything else (residual stream, norms, GRN statistics, attention
-softmax) stays in float32. See :func:`linear` and :class:`CascadeUNet`.
+softmax) stays in float32. See :mod:`.ops` and :class:`CascadeUNet`.
 """
 
 import math
@@ -26,98 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: In fp16-guard mode, inputs of float16 matrix products are scaled so that max |x| <= 2**this.
-GUARD_INPUT_EXPONENT = 8
-
-
-# ----------------------------------------------------------------------------------------------
-# Mixed-precision helpers
-# ----------------------------------------------------------------------------------------------
-
-def _scaled_down(x: torch.Tensor, dtype: torch.dtype):
-    """Return (x / s cast to ``dtype``, s), with s a power of two that keeps |x / s| <= 2**8."""
-    amax = x.detach().abs().amax().float()
-    exponent = torch.ceil(torch.log2(amax.clamp_min(1.0))) - GUARD_INPUT_EXPONENT
-    scale = torch.exp2(exponent.clamp_min(0.0))
-    return (x / scale).to(dtype), scale
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.Tensor:
-    """``F.linear``, optionally into the preallocated ``out``, that also takes a float32 ``x``
-    for float16 weights (fp16 guard).
-
-    In the guarded case the product runs in float16 on a copy of ``x`` rescaled by a power of two
-    and the result comes back in float32 (``out`` is ignored), so a large residual stream never
-    overflows float16.
-    """
-    if x.dtype != weight.dtype:
-        x_low, scale = _scaled_down(x, weight.dtype)
-        result = F.linear(x_low, weight).to(x.dtype).mul_(scale)
-        return result if bias is None else result.add_(bias)
-    if out is None:
-        return F.linear(x, weight, bias)
-    rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
-    if bias is None:
-        torch.mm(rows, weight.t(), out=out_rows)
-    else:
-        torch.addmm(bias, rows, weight.t(), out=out_rows)
-    return out
-
-
-def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Run ``conv`` (any stride/groups) on ``x``; a float32 ``x`` with float16 weights is guarded."""
-    weight, bias = conv.weight, conv.bias
-    if x.dtype == weight.dtype:
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if conv.groups > 1:  # depthwise: cheap, just compute it in float32
-        return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                        conv.stride, conv.padding, conv.dilation, conv.groups)
-    x_low, scale = _scaled_down(x, weight.dtype)
-    out = F.conv2d(x_low, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    out = out.to(x.dtype).mul_(scale)
-    return out if bias is None else out.add_(bias.view(-1, 1, 1))
-
-
-def conv_transpose2d(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """Run a transposed convolution; a float32 ``x`` with float16 weights is guarded."""
-    weight, bias = conv.weight, conv.bias
-    args = (conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
-    if x.dtype == weight.dtype:
-        return F.conv_transpose2d(x, weight, bias, *args)
-    x_low, scale = _scaled_down(x, weight.dtype)
-    out = F.conv_transpose2d(x_low, weight, None, *args).to(x.dtype).mul_(scale)
-    return out if bias is None else out.add_(bias.view(-1, 1, 1))
-
-
-def pointwise_conv(x_nhwc: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A 1x1 convolution applied to a channels-last tensor, as a matrix product."""
-    return linear(x_nhwc, conv.weight.flatten(1), conv.bias)
-
-
-def layer_norm_channels(x_nhwc: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm without affine over the channel (last) dimension."""
-    return F.layer_norm(x_nhwc, x_nhwc.shape[-1:], None, None, eps)
-
-
-def gelu_(x: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU, in place when autograd does not need the input."""
-    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
-
-
-def to_nchw(x_nhwc: torch.Tensor) -> torch.Tensor:
-    """View a channels-last ``[B, H, W, C]`` tensor as ``[B, C, H, W]`` (no copy)."""
-    return x_nhwc.permute(0, 3, 1, 2)
-
-
-def to_nhwc(x_nchw: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` -> contiguous ``[B, H, W, C]``; free for channels-last memory."""
-    return x_nchw.permute(0, 2, 3, 1).contiguous()
-
-
-def resize_nhwc(x_nhwc: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize with ``align_corners=True`` computed in float32, as the official code does."""
-    out = F.interpolate(to_nchw(x_nhwc).float(), size=tuple(size), mode="bilinear", align_corners=True)
-    return to_nhwc(out).to(x_nhwc.dtype)
+from .ops import (Workspace, add_projection, conv2d, conv_transpose2d, gelu_, layer_norm_channels, linear,
+                  pointwise_conv, resize_nhwc, scratch, to_nchw, to_nhwc)
 
 
 def sinusoidal_r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
@@ -137,65 +47,13 @@ def sinusoidal_r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000
     return emb
 
 
-class Workspace:
-    """Scratch buffers that the blocks of one no-grad forward pass reuse.
-
-    On CPU, allocating and first touching a large tensor costs about as much as a pass of
-    arithmetic over it, so short-lived temporaries (the 4c-wide MLP activations, attention
-    projections) are written into these buffers instead. Passing a workspace to a block's
-    ``forward_nhwc`` also lets the block overwrite its input ``x`` with the result: the networks
-    do so only for residual-stream tensors nobody else holds, and never under autograd.
-    """
-
-    def __init__(self):
-        self._buffers = {}
-        self._views = {}
-
-    def get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialized tensor of ``shape`` with ``like``'s dtype/device, reusing storage by name."""
-        key = (name, tuple(shape), like.dtype, like.device)
-        view = self._views.get(key)
-        if view is not None:
-            return view
-        numel = math.prod(shape)
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-            self._buffers[name] = buf
-        view = self._views[key] = buf[:numel].view(shape)
-        return view
-
-
-def _get(ws, name, shape, like):
-    return None if ws is None else ws.get(name, shape, like)
-
-
-def _residual(x, update, ws):
-    """x + update; written into x when a workspace says x may be overwritten."""
-    if ws is not None and x.dtype == update.dtype:
-        return x.add_(update)
-    return update + x if update.requires_grad else update.add_(x)
-
-
-def _add_projection(x, h, layer, ws):
-    """x + Linear(h) for channels-last x; accumulated straight into x (no temporary) with ``ws``."""
-    weight, bias = layer.weight, layer.bias
-    if ws is None or x.dtype != weight.dtype or h.dtype != weight.dtype or not x.is_contiguous():
-        return _residual(x, linear(h, weight, bias), ws)
-    rows = x.view(-1, x.shape[-1])
-    rows.addmm_(h.reshape(-1, h.shape[-1]), weight.t())
-    return x if bias is None else x.add_(bias)
-
-
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a ``[B, C, H, W]`` tensor (official ``LayerNorm2d``)."""
-
-    def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    """The official ``LayerNorm2d``: a LayerNorm over channels. On the networks' channels-last
+    stream that is plain :class:`nn.LayerNorm`, so nothing is overridden."""
 
 
 class GlobalResponseNorm(nn.Module):
@@ -215,9 +73,6 @@ class GlobalResponseNorm(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
-    def forward(self, x):
-        return self.normalize_(x if x.requires_grad else x.clone())
-
     def _sum_of_squares(self, rows, ws=None):
         """Per-channel sum of squares over dim 1 of [B, N, C], in float32."""
         batch, length, dim = rows.shape
@@ -225,15 +80,15 @@ class GlobalResponseNorm(nn.Module):
             return rows.float().square().sum(dim=1, keepdim=True)
         step = max(1, min(length, self.chunk_elements // max(1, batch * dim)))
         total = rows.new_zeros((batch, 1, dim), dtype=torch.float32)
-        scratch = None
+        buffer = None
         if rows.dtype == torch.float32:
-            scratch = _get(ws, "grn_chunk", (batch, step, dim), rows)
-            if scratch is None:
-                scratch = rows.new_empty((batch, step, dim))
+            buffer = scratch(ws, "grn_chunk", (batch, step, dim), rows)
+            if buffer is None:
+                buffer = rows.new_empty((batch, step, dim))
         for start in range(0, length, step):
             part = rows[:, start:start + step]
-            if scratch is not None:
-                squares = torch.mul(part, part, out=scratch[:, :part.shape[1]])
+            if buffer is not None:
+                squares = torch.mul(part, part, out=buffer[:, :part.shape[1]])
             else:
                 squares = part.float().square_()
             total += squares.sum(dim=1, keepdim=True)
@@ -262,7 +117,7 @@ def _channel_mlp(x, h, channelwise, ws, training):
     (more tokens than channels), saving a full pass over the 4c-wide activation.
     """
     fc1, _, grn, dropout, fc2 = channelwise
-    hidden = linear(h, fc1.weight, fc1.bias, out=_get(ws, "mlp_hidden", (*h.shape[:-1], fc1.out_features), h))
+    hidden = linear(h, fc1.weight, fc1.bias, out=scratch(ws, "mlp_hidden", (*h.shape[:-1], fc1.out_features), h))
     hidden = gelu_(hidden)
     use_dropout = training and dropout.p > 0
     batch, width = x.shape[0], hidden.shape[-1]
@@ -273,7 +128,7 @@ def _channel_mlp(x, h, channelwise, ws, training):
         hidden = grn.normalize_(hidden, ws)
         if use_dropout:
             hidden = dropout(hidden)
-        return _add_projection(x, hidden, fc2, ws)
+        return add_projection(x, hidden, fc2, ws)
     # W2 (h * s + beta) + b2 == (W2 * s) h + (W2 beta + b2), with s per sample and channel
     scale = grn.response_scale(hidden, ws).view(batch, 1, width)
     scaled_weight = torch.mul(fc2.weight, scale, out=ws.get("mlp_folded_weight", (batch, *fc2.weight.shape), x))
@@ -298,17 +153,13 @@ class ResBlock(nn.Module):
             nn.Linear(c * 4, c),
         )
 
-    def forward_nhwc(self, x, x_skip=None, ws=None):
+    def forward(self, x, x_skip=None, ws=None):
         """x, x_skip: [B, H, W, C]. With a workspace ``ws`` the result overwrites x."""
         h = layer_norm_channels(to_nhwc(conv2d(to_nchw(x), self.depthwise)), self.norm.eps)
         if x_skip is not None:
             shape = (*h.shape[:-1], h.shape[-1] + x_skip.shape[-1])
-            h = torch.cat([h, x_skip], dim=-1, out=_get(ws, "res_cat", shape, h))
+            h = torch.cat([h, x_skip], dim=-1, out=scratch(ws, "res_cat", shape, h))
         return _channel_mlp(x, h, self.channelwise, ws, self.training)
-
-    def forward(self, x, x_skip=None):
-        skip = None if x_skip is None else x_skip.permute(0, 2, 3, 1)
-        return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1), skip))
 
 
 class PackedMultiheadAttention(nn.Module):
@@ -341,12 +192,12 @@ class PackedMultiheadAttention(nn.Module):
         batch, length, _ = query.shape
         weight, bias = self.in_proj_weight, self.in_proj_bias
         if self_attn:
-            qkv = linear(query, weight, bias, out=_get(ws, "attn_qkv", (batch, length, 3 * c), query))
+            qkv = linear(query, weight, bias, out=scratch(ws, "attn_qkv", (batch, length, 3 * c), query))
             q, kv_query = qkv[..., :c], qkv[..., c:]
         else:
-            q = linear(query, weight[:c], bias[:c], out=_get(ws, "attn_q", (batch, length, c), query))
+            q = linear(query, weight[:c], bias[:c], out=scratch(ws, "attn_q", (batch, length, c), query))
             kv_query = None
-        kv_cond = linear(cond, weight[c:], bias[c:], out=_get(ws, "attn_kv", (batch, cond.shape[1], 2 * c), cond))
+        kv_cond = linear(cond, weight[c:], bias[c:], out=scratch(ws, "attn_kv", (batch, cond.shape[1], 2 * c), cond))
         return self._sdpa(q, [kv for kv in (kv_query, kv_cond) if kv is not None], ws)
 
     def _sdpa(self, q, kv_parts, ws):
@@ -360,7 +211,7 @@ class PackedMultiheadAttention(nn.Module):
         q = q.view(batch, length, heads, head_dim).transpose(1, 2)
         pairs = sum(part.shape[1] for part in kv_parts)
         shape = (2, batch, heads, pairs, head_dim)
-        kv = _get(ws, "attn_kv_heads", shape, q)
+        kv = scratch(ws, "attn_kv_heads", shape, q)
         if kv is None:
             kv = q.new_empty(shape)
         start = 0
@@ -372,14 +223,6 @@ class PackedMultiheadAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=dropout_p)
         return out.transpose(1, 2).reshape(batch, length, c)
 
-    def forward(self, query, key_value):
-        """Attend ``query`` [B, L, c] to ``key_value`` [B, S, c] (the same tensor is keys and values)."""
-        c = self.embed_dim
-        weight, bias = self.in_proj_weight, self.in_proj_bias
-        q = linear(query, weight[:c], bias[:c])
-        kv = linear(key_value, weight[c:], bias[c:])
-        return linear(self._sdpa(q, [kv], None), self.out_proj.weight, self.out_proj.bias)
-
 
 class Attention2D(nn.Module):
     """Attention of image tokens to conditioning tokens (optionally also to themselves)."""
@@ -387,13 +230,6 @@ class Attention2D(nn.Module):
     def __init__(self, c, nhead, dropout=0.0):
         super().__init__()
         self.attn = PackedMultiheadAttention(c, nhead, dropout=dropout)
-
-    def forward(self, x, kv, self_attn=False):
-        batch, c, height, width = x.shape
-        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, c)
-        attn = self.attn
-        out = linear(attn.attend(tokens, kv, self_attn), attn.out_proj.weight, attn.out_proj.bias)
-        return out.view(batch, height, width, c).permute(0, 3, 1, 2)
 
 
 class AttnBlock(nn.Module):
@@ -406,7 +242,7 @@ class AttnBlock(nn.Module):
         self.attention = Attention2D(c, nhead, dropout)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
-    def forward_nhwc(self, x, kv, ws=None):
+    def forward(self, x, kv, ws=None):
         """x: [B, H, W, C]; kv: [B, S, c_cond]. With a workspace ``ws`` the result overwrites x."""
         batch, height, width, c = x.shape
         mapper = self.kv_mapper[1]
@@ -414,10 +250,7 @@ class AttnBlock(nn.Module):
         tokens = layer_norm_channels(x, self.norm.eps).view(batch, height * width, c)
         attn = self.attention.attn
         out = attn.attend(tokens, kv, self.self_attn, ws)
-        return _add_projection(x, out.view(batch, height, width, c), attn.out_proj, ws)
-
-    def forward(self, x, kv):
-        return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1), kv))
+        return add_projection(x, out.view(batch, height, width, c), attn.out_proj, ws)
 
 
 class FeedForwardBlock(nn.Module):
@@ -434,12 +267,9 @@ class FeedForwardBlock(nn.Module):
             nn.Linear(c * 4, c),
         )
 
-    def forward_nhwc(self, x, ws=None):
+    def forward(self, x, ws=None):
         """x: [B, H, W, C]. With a workspace ``ws`` the result overwrites x."""
         return _channel_mlp(x, layer_norm_channels(x, self.norm.eps), self.channelwise, ws, self.training)
-
-    def forward(self, x):
-        return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1)))
 
 
 class TimestepBlock(nn.Module):
@@ -462,7 +292,7 @@ class TimestepBlock(nn.Module):
         a, b = ab.chunk(2, dim=1)
         return 1 + a, b
 
-    def forward_nhwc(self, x, t, ws=None):
+    def forward(self, x, t, ws=None):
         """x: [B, H, W, C]; t: time embeddings. With a workspace ``ws`` the result overwrites x."""
         scale, shift = self.modulation(t)
         batch, c = shift.shape
@@ -470,9 +300,6 @@ class TimestepBlock(nn.Module):
         if ws is not None and scale.dtype == x.dtype:
             return torch.addcmul(shift, x, scale, out=x)
         return torch.addcmul(shift, x, scale)
-
-    def forward(self, x, t):
-        return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1), t))
 
 
 class UpDownBlock2d(nn.Module):
@@ -499,14 +326,12 @@ class UpDownBlock2d(nn.Module):
         out = F.interpolate(to_nchw(x_nhwc).float(), scale_factor=factor, mode="bilinear", align_corners=True)
         return to_nhwc(out).to(x_nhwc.dtype)
 
-    def forward_nhwc(self, x):
+    def forward(self, x):
+        """x: [B, H, W, C]."""
         mapping = self.blocks[1] if self.mode == "up" else self.blocks[0]
         if self.mode == "up":
             return pointwise_conv(self._resample(x), mapping)
         return self._resample(pointwise_conv(x, mapping))
-
-    def forward(self, x):
-        return to_nchw(self.forward_nhwc(x.permute(0, 2, 3, 1)))
 
 
 def nhwc_apply(module: nn.Module, x_nhwc: torch.Tensor) -> torch.Tensor:
@@ -516,10 +341,8 @@ def nhwc_apply(module: nn.Module, x_nhwc: torch.Tensor) -> torch.Tensor:
         for child in module:
             x_nhwc = nhwc_apply(child, x_nhwc)
         return x_nhwc
-    if isinstance(module, LayerNorm2d):
-        return layer_norm_channels(x_nhwc, module.eps)
-    if isinstance(module, UpDownBlock2d):
-        return module.forward_nhwc(x_nhwc)
+    if isinstance(module, (LayerNorm2d, UpDownBlock2d)):
+        return module(x_nhwc)
     if isinstance(module, nn.Conv2d):
         if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.groups == 1:
             return pointwise_conv(x_nhwc, module)
@@ -655,12 +478,12 @@ class CascadeUNet(nn.Module):
 
     def _run_block(self, block, x, r_embed, clip, ws, skip=None):
         if isinstance(block, ResBlock):
-            return block.forward_nhwc(x, skip, ws)
+            return block(x, skip, ws)
         if isinstance(block, AttnBlock):
-            return block.forward_nhwc(x, clip, ws)
+            return block(x, clip, ws)
         if isinstance(block, TimestepBlock):
-            return block.forward_nhwc(x, r_embed, ws)
-        return block.forward_nhwc(x, ws)
+            return block(x, r_embed, ws)
+        return block(x, ws)
 
     def _workspace(self, *inputs):
         """A Workspace when nothing needs autograd (so blocks may work in place), else None."""
