@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (AttnBlock, CascadeUNet, LayerNorm2d, ResBlock, TimestepBlock, layer_norm_channels, linear,
-                     nhwc_apply, pointwise_conv, to_nchw, to_nhwc)
+from .blocks import AttnBlock, CascadeUNet, LayerNorm2d, ResBlock, TimestepBlock, nhwc_apply
+from .ops import layer_norm_channels, linear, pointwise_conv, to_nchw, to_nhwc
 
 __all__ = ["WuerstchenPrior", "WuerstchenDiffNeXt", "fuse_attention_keys", "split_attention_keys"]
 
@@ -109,11 +109,11 @@ class _V2Net(CascadeUNet):
         """Run blocks on the channels-last stream (ResBlocks without extra inputs)."""
         for block in blocks:
             if isinstance(block, ResBlock):
-                x = block.forward_nhwc(x, None, ws)
+                x = block(x, None, ws)
             elif isinstance(block, TimestepBlock):
-                x = block.forward_nhwc(x, r_embed, ws)
+                x = block(x, r_embed, ws)
             elif isinstance(block, AttnBlock):
-                x = block.forward_nhwc(x, clip, ws)
+                x = block(x, clip, ws)
             else:
                 x = nhwc_apply(block, x)
         return x
@@ -278,7 +278,7 @@ class WuerstchenDiffNeXt(_V2Net):
                 effnet_c = self._effnet_map(mapper_index, effnet, x.shape[1:3], x.dtype)
             extra = [t for t in ((skip if index == 0 else None), effnet_c) if t is not None]
             extra = torch.cat(extra, dim=-1) if len(extra) > 1 else (extra[0] if extra else None)
-            x = block.forward_nhwc(x, extra, ws)
+            x = block(x, extra, ws)
         return x
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor, clip: torch.Tensor,
