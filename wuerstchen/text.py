@@ -25,14 +25,14 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .clip_transformer import (assemble, build_transformer, find_prefix, hf_layer_key_to_param,
-                               place, run_blocks, unknown_keys_error)
+from .clip_transformer import (assemble, build_transformer, find_prefix, hf_layer_key_names,
+                               hf_layer_key_to_param, place, run_blocks, unknown_keys_error)
 from .tokenizer import (EOS_ID, MAX_CONTENT_TOKENS, CLIPTokenizer, parse_prompt_weights,
-                        tokenize)
+                        split_embedding_refs, tokenize)
 
 __all__ = [
     "BIGG14_TEXT_CONFIG", "V2_PRIOR_TEXT_CONFIG", "V2_DECODER_TEXT_CONFIG", "CLIPTextEncoder", "TextEncoding",
-    "config_from_state_dict", "convert_text_state_dict", "hf_text_key_to_param", "tokenize",
+    "config_from_state_dict", "convert_text_state_dict", "hf_text_key_names", "hf_text_key_to_param", "tokenize",
 ]
 
 TEXT_FAMILIES = ("v3", "v2")
@@ -94,6 +94,14 @@ def hf_text_key_to_param(hf_key: str, width: int) -> tuple[str, slice | None]:
     if key.startswith(_HF_LAYER_HEAD):
         return hf_layer_key_to_param(key[len(_HF_LAYER_HEAD):], width)
     raise KeyError(f"not a CLIP text-encoder parameter: {hf_key!r}")
+
+
+def hf_text_key_names(layers: int) -> list[str]:
+    """Every Hugging Face key of a text tower with ``layers`` blocks (what hf_text_key_to_param maps)."""
+    names = list(_HF_RENAMES)
+    for index in range(layers):
+        names += [_HF_LAYER_HEAD + key for key in hf_layer_key_names(index)]
+    return names
 
 
 def convert_text_state_dict(sd: Mapping[str, torch.Tensor], prefix: str | None = None,
@@ -227,45 +235,65 @@ class CLIPTextEncoder(nn.Module):
 
         This is what the official LoRA trainer does with ``tokenizer.add_tokens``: the words get
         ids from 49408 on and are matched case-insensitively in prompts.  Re-adding a word
-        replaces its vector.  Returns the ids.
+        replaces its vector.  Returns the ids.  Everything is checked before anything changes:
+        on a ValueError the tokenizer and the table are as they were.
         """
         words = list(words)
         if vectors.ndim != 2 or vectors.shape != (len(words), self.width):
             raise ValueError(f"vectors must be [{len(words)}, {self.width}] for {len(words)} "
                              f"word(s), got {list(vectors.shape)}")
-        old = self._added_rows()
-        ids = self.tokenizer.add_tokens(words)  # existing words keep their ids
+        if not bool(torch.isfinite(vectors).all()):
+            raise ValueError("token vectors hold NaN or infinite values")
+        keys = [self.tokenizer.check_added_word(word) for word in words]
         weight = self.token_embedding.weight
-        vectors = vectors.to(device=weight.device, dtype=weight.dtype)
-        rows = {**old, **dict(zip(ids, vectors))}
-        self.added_token_embedding = torch.stack([rows[i] for i in sorted(rows)])
+        rows = dict(self.added_token_vectors())
+        rows.update(zip(keys, vectors.to(device=weight.device, dtype=weight.dtype)))
+        ids = self.tokenizer.add_tokens(keys)  # cannot fail now; existing words keep their ids
+        self.added_token_embedding = torch.stack([rows[w] for w in self.tokenizer.added_tokens])
         return ids
 
     def remove_token_embeddings(self, words: Sequence[str] | None = None) -> None:
         """Forget added words (all when None); the remaining ones are renumbered."""
-        by_word = {w: self._added_rows()[i] for w, i in self.tokenizer.added_tokens.items()}
+        rows = self.added_token_vectors()
         self.tokenizer.remove_tokens(words)
         kept = self.tokenizer.added_tokens
-        self.added_token_embedding = (torch.stack([by_word[w] for w in kept]) if kept else None)
+        self.added_token_embedding = torch.stack([rows[w] for w in kept]) if kept else None
 
-    def _added_rows(self) -> dict[int, torch.Tensor]:
+    def added_token_vectors(self) -> dict[str, torch.Tensor]:
+        """Each added word (normalised) and its vector."""
         table = self.added_token_embedding
-        base = self.token_embedding.num_embeddings
-        return {} if table is None else {base + i: table[i] for i in range(table.shape[0])}
+        words = list(self.tokenizer.added_tokens)  # in id order
+        if table is None or table.shape[0] != len(words):
+            if words or table is not None:
+                raise RuntimeError(f"added words {words} and their vectors are out of step")
+            return {}
+        return {word: table[i] for i, word in enumerate(words)}
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings, including the rows of added words."""
+    def embed_tokens(self, input_ids: torch.Tensor, inline_embeddings: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Token embeddings, including the rows of added words.
+
+        ``inline_embeddings`` [K, width] are vectors given for this call only (textual-inversion
+        embeddings in a prompt): id ``-1 - k`` stands for row k.
+        """
         base = self.token_embedding.num_embeddings
         extra = self.added_token_embedding
         limit = base + (0 if extra is None else extra.shape[0])
-        if input_ids.numel() and (int(input_ids.max()) >= limit or int(input_ids.min()) < 0):
-            raise ValueError(f"token ids must lie in [0, {limit}); got {int(input_ids.min())}.."
+        low = 0 if inline_embeddings is None else -int(inline_embeddings.shape[0])
+        if input_ids.numel() and (int(input_ids.max()) >= limit or int(input_ids.min()) < low):
+            raise ValueError(f"token ids must lie in [{low}, {limit}); got {int(input_ids.min())}.."
                              f"{int(input_ids.max())} ({limit - base} added word(s))")
-        if extra is None:
+        if extra is None and inline_embeddings is None:
             return self.token_embedding(input_ids)
-        embedded = self.token_embedding(input_ids.clamp(max=base - 1))
-        added = extra.to(embedded.dtype)[(input_ids - base).clamp(min=0)]
-        return torch.where((input_ids >= base).unsqueeze(-1), added, embedded)
+        embedded = self.token_embedding(input_ids.clamp(min=0, max=base - 1))
+        if extra is not None:
+            added = extra.to(embedded.dtype)[(input_ids - base).clamp(min=0, max=extra.shape[0] - 1)]
+            embedded = torch.where((input_ids >= base).unsqueeze(-1), added, embedded)
+        if inline_embeddings is not None:
+            rows = inline_embeddings.to(device=embedded.device, dtype=embedded.dtype)
+            inline = rows[(-1 - input_ids).clamp(min=0, max=rows.shape[0] - 1)]
+            embedded = torch.where((input_ids < 0).unsqueeze(-1), inline, embedded)
+        return embedded
 
     # ---- encoding ----------------------------------------------------------------------
     def _attention_bias(self, attention_mask: torch.Tensor | None, length: int,
@@ -280,16 +308,18 @@ class CLIPTextEncoder(nn.Module):
         return bias.masked_fill_(~allowed, blocked)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> TextEncoding:
+                output_hidden_states: bool = False, *,
+                inline_embeddings: torch.Tensor | None = None) -> TextEncoding:
         """Run the tower.  Pass the tokenizer's ``attention_mask`` for the official behaviour;
-        without it only the causal mask applies (open_clip's behaviour)."""
+        without it only the causal mask applies (open_clip's behaviour).  For
+        ``inline_embeddings`` see :meth:`embed_tokens`."""
         if input_ids.ndim != 2 or input_ids.shape[1] > self.context_length:
             raise ValueError(f"input_ids must be [B, <= {self.context_length}], got "
                              f"{list(input_ids.shape)}")
         device = self.token_embedding.weight.device
         input_ids = input_ids.to(device)
         length = input_ids.shape[1]
-        x = self.embed_tokens(input_ids) + self.positional_embedding[:length]
+        x = self.embed_tokens(input_ids, inline_embeddings) + self.positional_embedding[:length]
         bias = self._attention_bias(attention_mask, length, x.dtype, device)
         clip_text, hidden = run_blocks(self.transformer, x, bias, collect=output_hidden_states)
         last = self.ln_final(clip_text)
@@ -306,14 +336,15 @@ class CLIPTextEncoder(nn.Module):
             hidden_states=(x, *hidden) if output_hidden_states else None,
         )
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               inline_embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The conditioning of this family: ``(sequence [B, L, W], pooled [B, 1, P] or None)``.
 
         "v3": Stable Cascade's ``(clip_text, clip_text_pooled)``; "v2": ``last_hidden_state``
         (after the final LayerNorm) and the pooled vector, None for v2's projection-free towers.
+        For ``inline_embeddings`` see :meth:`embed_tokens`.
         """
-        out = self.forward(input_ids, attention_mask)
+        out = self.forward(input_ids, attention_mask, inline_embeddings=inline_embeddings)
         sequence = out.last_hidden_state if self.family == "v2" else out.clip_text
         return sequence, out.clip_text_pooled
 
@@ -322,7 +353,7 @@ class CLIPTextEncoder(nn.Module):
         return self.tokenizer(prompts)
 
     def encode_prompts(self, prompts: str | Sequence[str], *, weights: bool = True,
-                       long_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       long_prompts: bool = True, embeddings=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts -> ``(sequence [B, 77*k, W], pooled [B, 1, P] or None)``, as :meth:`encode`
         (for "v3" ``clip_text`` and ``clip_text_pooled``; for "v2" ``last_hidden_state`` and None).
 
@@ -336,14 +367,24 @@ class CLIPTextEncoder(nn.Module):
           ``\\(`` for a literal bracket.  Each weighted token's sequence row becomes
           ``z_empty + w * (z - z_empty)``, with z_empty the encoding of the empty prompt at the
           same position (ComfyUI's rule); the pooled vector is not weighted.
+        * ``embeddings``: where ``embedding:NAME`` (ComfyUI's textual-inversion syntax; also
+          ``embedding:NAME:1.2`` or ``(embedding:NAME:1.2)``) finds its vectors — a folder, a
+          list of folders, a mapping name -> tensor/file, or a callable name -> tensor (see
+          :func:`wuerstchen.embeddings.embedding_resolver`).  Each vector takes one token
+          position.  Without it, such text is ordinary prompt text (the official behaviour).
         """
+        from .embeddings import embedding_resolver
+
+        resolver = embedding_resolver(embeddings)
+        inline: list[torch.Tensor] = []
+        found: dict[str, list[int]] = {}
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             raise ValueError("encode_prompts() needs at least one prompt")
         windows, window_weights, counts = [], [], []
         for prompt in prompts:
-            ids, token_weights = self._weighted_ids(prompt, weights)
+            ids, token_weights = self._weighted_ids(prompt, weights, resolver, inline, found)
             if not long_prompts:
                 ids, token_weights = ids[:MAX_CONTENT_TOKENS], token_weights[:MAX_CONTENT_TOKENS]
             starts = range(0, max(len(ids), 1), MAX_CONTENT_TOKENS)
@@ -359,7 +400,8 @@ class CLIPTextEncoder(nn.Module):
         device = self.token_embedding.weight.device
         input_ids = torch.tensor([w[0] for w in windows], dtype=torch.long, device=device)
         mask = torch.tensor([w[1] for w in windows], dtype=torch.long, device=device)
-        clip_text, pooled = self.encode(input_ids, mask)
+        clip_text, pooled = self.encode(input_ids, mask,
+                                        inline_embeddings=torch.cat(inline) if inline else None)
         scale = torch.tensor(window_weights, dtype=torch.float32, device=device).unsqueeze(-1)
         if bool((scale != 1.0).any()):
             empty_text, _ = self.encode(*self.tokenizer(""))
@@ -370,12 +412,40 @@ class CLIPTextEncoder(nn.Module):
         clip_text = clip_text.reshape(len(prompts), per_prompt * clip_text.shape[1], -1)
         return clip_text, None if pooled is None else pooled[::per_prompt]
 
-    def _weighted_ids(self, prompt: str, weights: bool) -> tuple[list[int], list[float]]:
+    def _weighted_ids(self, prompt: str, weights: bool, resolver=None, inline=None, found=None
+                      ) -> tuple[list[int], list[float]]:
         pieces = (parse_prompt_weights(prompt, protected=self.tokenizer.added_tokens)
                   if weights else [(prompt, 1.0)])
         ids, token_weights = [], []
         for text, weight in pieces:
-            piece_ids = self.tokenizer.encode(text)
-            ids += piece_ids
-            token_weights += [weight] * len(piece_ids)
+            for part in (split_embedding_refs(text) if resolver is not None else [text]):
+                if isinstance(part, str):
+                    piece_ids, piece_weight = self.tokenizer.encode(part), weight
+                else:
+                    name, explicit = part
+                    piece_ids = self._embedding_ids(name, resolver, inline, found)
+                    piece_weight = weight if explicit is None else explicit
+                ids += piece_ids
+                token_weights += [piece_weight] * len(piece_ids)
         return ids, token_weights
+
+    def _embedding_ids(self, name: str, resolver, inline: list, found: dict) -> list[int]:
+        """Inline ids (-1 - row) of a textual-inversion embedding's vectors, loaded once per call."""
+        from .embeddings import EmbeddingError
+
+        if name not in found:
+            vectors = resolver(name)
+            if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point() or vectors.dim() not in (1, 2):
+                raise EmbeddingError(f"embedding:{name}: expected vectors [n, {self.width}], got "
+                                     f"{type(vectors).__name__} {list(getattr(vectors, 'shape', []))}")
+            vectors = vectors.reshape(-1, vectors.shape[-1])
+            if vectors.shape[-1] != self.width:
+                raise EmbeddingError(f"embedding:{name} has vectors {vectors.shape[-1]} wide, but this text encoder "
+                                     f"takes {self.width}: it was made for another text encoder (768 = CLIP-L of "
+                                     "SD 1.x, 1024 = SD 2.x, 1280 = the CLIP-G of SDXL and Stable Cascade)")
+            if not bool(torch.isfinite(vectors).all()):
+                raise EmbeddingError(f"embedding:{name} holds NaN or infinite values")
+            start = sum(int(t.shape[0]) for t in inline)
+            inline.append(vectors.detach())
+            found[name] = [-1 - (start + k) for k in range(vectors.shape[0])]
+        return list(found[name])

@@ -198,36 +198,42 @@ class CLIPTokenizer:
         """Register words as single tokens (ids from 49408 on); returns their ids.
 
         Words are normalised like the text (so matching ignores case).  A word that is already
-        registered keeps its id.
+        registered keeps its id.  Every word is checked first: on an error nothing is added.
         """
-        ids = []
-        for word in words:
-            key = self._check_added_word(word)
+        keys = [self.check_added_word(word) for word in words]
+        for key in keys:
             if key not in self._added:
                 self._added.append(key)
-            ids.append(VOCAB_SIZE + self._added.index(key))
         self._rebuild_added_pattern()
-        return ids
+        return [VOCAB_SIZE + self._added.index(key) for key in keys]
 
     def remove_tokens(self, words: Iterable[str] | None = None) -> None:
-        """Forget the given added words (all when None); later words are renumbered."""
+        """Forget the given added words (all when None); later words are renumbered.
+
+        An unknown word raises KeyError before anything is removed.
+        """
         if words is None:
             self._added.clear()
         else:
-            for word in words:
-                key = normalize_text(word)
-                if key not in self._added:
-                    raise KeyError(f"{word!r} is not an added token (added: {self._added})")
-                self._added.remove(key)
+            words = list(words)
+            keys = [normalize_text(word) for word in words]
+            unknown = [w for w, k in zip(words, keys) if k not in self._added]
+            if unknown:
+                raise KeyError(f"{unknown[0]!r} is not an added token (added: {self._added})")
+            self._added = [w for w in self._added if w not in set(keys)]
         self._rebuild_added_pattern()
 
-    def _check_added_word(self, word: str) -> str:
+    def check_added_word(self, word: str) -> str:
+        """The normalised form of a word that can be added; ValueError saying why if it cannot."""
+        if not isinstance(word, str):
+            raise ValueError(f"added token {word!r} must be a string")
         key = normalize_text(word)
         if not key.strip() or key != key.strip():
             raise ValueError(f"added token {word!r} must be non-empty without outer whitespace")
         if self.family.special_split.search(key):
             raise ValueError(f"added token {word!r} contains a special string "
-                             f"({', '.join(repr(k) for k in self.family.special_ids)})")
+                             f"({', '.join(repr(k) for k in self.family.special_ids)}), which the tokenizer "
+                             "always splits off")
         return key
 
     def _rebuild_added_pattern(self) -> None:
@@ -308,6 +314,9 @@ class CLIPTokenizer:
 # Escaped brackets are swapped for private-use characters while parsing, then restored.
 _ESCAPES = {"\\(": "\U000F0001", "\\)": "\U000F0002", "\\[": "\U000F0003", "\\]": "\U000F0004"}
 _CLOSERS = {"(": ")", "[": "]"}
+# |weight| above this is refused: Stage C's conditioning is far out of its range long before it.
+PROMPT_WEIGHT_LIMIT = 100.0
+_MAX_NUMBER_CHARS = 64  # longer text after a ':' is never read as a number
 
 
 def parse_prompt_weights(text: str, protected: Iterable[str] = ()) -> list[tuple[str, float]]:
@@ -318,6 +327,10 @@ def parse_prompt_weights(text: str, protected: Iterable[str] = ()) -> list[tuple
     ``\\]`` are literal brackets, and so are unmatched ones.  Words in ``protected`` (added
     tokens such as ``[fernando]``) are never read as brackets.  A prompt without brackets comes
     back as the single piece ``[(text, 1.0)]``.
+
+    Linear in the length of the prompt and without recursion, whatever the nesting.  A weight
+    that is not a finite number (``(a:nan)``, ``(a:inf)``) or whose size exceeds
+    :data:`PROMPT_WEIGHT_LIMIT` (``(a:1e30)``, 50 nested brackets) raises ValueError.
     """
     for escape, placeholder in _ESCAPES.items():
         text = text.replace(escape, placeholder)
@@ -325,8 +338,7 @@ def parse_prompt_weights(text: str, protected: Iterable[str] = ()) -> list[tuple
     if words:
         pattern = regex.compile("|".join(map(regex.escape, words)), regex.IGNORECASE)
         text = pattern.sub(lambda m: _escape_brackets(m.group(0)), text)
-    pieces: list[tuple[str, float]] = []
-    _parse_group(text, 1.0, pieces)
+    pieces = _weighted_pieces(text)
     restore = {placeholder: escape[1] for escape, placeholder in _ESCAPES.items()}
     out = []
     for piece, weight in pieces:
@@ -342,50 +354,117 @@ def _escape_brackets(word: str) -> str:
     return word
 
 
-def _matching_close(text: str, start: int) -> int:
-    opener, closer, depth = text[start], _CLOSERS[text[start]], 0
-    for i in range(start, len(text)):
-        if text[i] == opener:
-            depth += 1
-        elif text[i] == closer:
-            depth -= 1
-            if depth == 0:
-                return i
-    return -1
+def _bracket_partners(text: str) -> list[int]:
+    """For each opening bracket the index of its closing partner (same kind only), else -1.
+
+    One pass with a stack per kind; this is the partner a forward scan counting that kind's
+    depth would find, for every opener at once.
+    """
+    partner = [-1] * len(text)
+    open_at: dict[str, list[int]] = {"(": [], "[": []}
+    openers = {closer: opener for opener, closer in _CLOSERS.items()}
+    for i, char in enumerate(text):
+        if char in open_at:
+            open_at[char].append(i)
+        elif char in openers and open_at[openers[char]]:
+            partner[open_at[openers[char]].pop()] = i
+    return partner
 
 
-def _parse_group(text: str, weight: float, out: list[tuple[str, float]]) -> None:
-    literal, i = [], 0
+def _explicit_weight(number: str, group: str) -> float | None:
+    """The weight written after the last ':' of a group, None when it is not a number."""
+    if len(number) > _MAX_NUMBER_CHARS:
+        return None
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    if value != value or abs(value) == float("inf"):
+        raise ValueError(f"prompt weight {number.strip()!r} in {group[:80]!r} is not a finite number")
+    return value
 
-    def flush():
-        if literal:
-            out.append(("".join(literal), weight))
-            literal.clear()
 
-    while i < len(text):
+def _weighted_pieces(text: str) -> list[tuple[str, float]]:
+    """The bracket grammar, walked with an explicit stack of open groups."""
+    partner = _bracket_partners(text)
+    last_colon, colon = [], -1
+    for i, char in enumerate(text):
+        colon = i if char == ":" else colon
+        last_colon.append(colon)
+    pieces: list[tuple[str, float]] = []
+    literal: list[str] = []
+
+    def flush(weight: float) -> None:
+        if not literal:
+            return
+        piece = "".join(literal)
+        literal.clear()
+        if abs(weight) > PROMPT_WEIGHT_LIMIT:
+            raise ValueError(f"prompt weight {weight:.4g} of {piece[:40]!r} is out of range: weights (also "
+                             f"from nested brackets, x1.1 each) must lie within ±{PROMPT_WEIGHT_LIMIT:g}")
+        pieces.append((piece, weight))
+
+    # Each open group: (where its text ends, where reading resumes after it, its weight).
+    stack = [(len(text), len(text), 1.0)]
+    i = 0
+    while stack:
+        end, resume, weight = stack[-1]
+        if i >= end:
+            flush(weight)
+            stack.pop()
+            i = resume
+            continue
         char = text[i]
-        close = _matching_close(text, i) if char in _CLOSERS else -1
-        if close < 0:
+        close = partner[i] if char in _CLOSERS else -1
+        if close < 0 or close >= end:
             literal.append(char)
             i += 1
             continue
-        flush()
-        inner = text[i + 1 : close]
+        flush(weight)
+        inner_end = close
         if char == "(":
             inner_weight = weight * 1.1
-            colon = inner.rfind(":")
-            if colon > 0:
-                try:
-                    explicit = float(inner[colon + 1 :])
-                except ValueError:
-                    explicit = None
-                if explicit is not None and explicit == explicit and abs(explicit) != float("inf"):
-                    inner_weight, inner = explicit, inner[:colon]
+            colon = last_colon[close - 1]
+            if colon > i + 1:
+                explicit = _explicit_weight(text[colon + 1:close], text[i:close + 1])
+                if explicit is not None:
+                    inner_weight, inner_end = explicit, colon
         else:
             inner_weight = weight / 1.1
-        _parse_group(inner, inner_weight, out)
-        i = close + 1
-    flush()
+        stack.append((inner_end, close + 1, inner_weight))
+        i += 1
+    return pieces
+
+
+# ---- textual-inversion references ---------------------------------------------------------
+EMBEDDING_PREFIX = "embedding:"
+# ComfyUI's syntax: "embedding:NAME" as a word (NAME up to a space or comma), here also with an
+# optional ":WEIGHT"; "(embedding:NAME:1.2)" weights it through the bracket syntax.
+_EMBEDDING_REF = regex.compile(r"(?<![^\s,(\[])embedding:([^\s,:]+)(?::([^\s,]*))?")
+
+
+def split_embedding_refs(text: str) -> list[str | tuple[str, float | None]]:
+    """``text`` cut into plain text and ``(name, weight or None)`` for each ``embedding:NAME[:W]``."""
+    out: list[str | tuple[str, float | None]] = []
+    at = 0
+    for m in _EMBEDDING_REF.finditer(text):
+        if m.start() > at:
+            out.append(text[at:m.start()])
+        weight = None
+        if m.group(2) is not None:
+            number = m.group(2)
+            value = _explicit_weight(number, m.group(0)) if number else None
+            if value is None:
+                raise ValueError(f"{m.group(0)!r}: {number!r} is not a weight; write embedding:NAME or "
+                                 "embedding:NAME:1.2")
+            if abs(value) > PROMPT_WEIGHT_LIMIT:
+                raise ValueError(f"{m.group(0)!r}: weight {value:g} is out of range (±{PROMPT_WEIGHT_LIMIT:g})")
+            weight = value
+        out.append((m.group(1), weight))
+        at = m.end()
+    if at < len(text):
+        out.append(text[at:])
+    return out
 
 
 @lru_cache(maxsize=None)
