@@ -50,7 +50,7 @@ def test_loader_says_what_it_leaves_out(nodes_env, caplog):
     assert len(new_c.loras) == 1 and new_clip is not None
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("WuerstchenLoraLoader:")]
     assert len(lines) == 1 and caplog.records[-1].levelname == "WARNING"
-    n = len(new_c.loras[0][0].stage_c)
+    n = len(new_c.loras[0].file.stage_c)
     assert lines[0].startswith(f"WuerstchenLoraLoader: with_stray_keys.safetensors: applied {n} of {n} modules; "
                                "2 keys not for this model, e.g. lora_te1_text_model_encoder_layers_0_mlp_fc1")
 
