@@ -6,7 +6,7 @@ from wuerstchen import pipeline
 
 from . import comfy_types as T
 from . import handles as H
-from .host import NodeError, manager
+from .host import NodeError, embedding_folders, manager
 from .loaders import require
 
 CATEGORY = "wuerstchen/conditioning"
@@ -33,7 +33,7 @@ class WuerstchenTextEncode:
         clip = require(clip, "clip_text", "WuerstchenTextEncode", "clip")
         try:
             with manager().running(clip.model):
-                cond = pipeline.encode_text(clip.module, [text], clip.loras)
+                cond = pipeline.encode_text(clip.module, [text], clip.loras, embedding_folders())
         except ValueError as exc:
             raise NodeError(f"WuerstchenTextEncode: {exc}") from None
         return (T.conditioning_out(cond),)

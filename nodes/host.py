@@ -157,12 +157,13 @@ def _kinds_in(path: Path) -> Optional[set]:
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _KIND_CACHE:
         from wuerstchen.checkpoints import inspect
+        from wuerstchen.lora.formats import looks_like_lora
         from wuerstchen.weights_io import SafetensorsFile
 
         try:
             if path.suffix.lower() in (".safetensors", ".sft"):
                 keys = SafetensorsFile(path).keys()
-                if any("lora" in k for k in keys):
+                if looks_like_lora(keys):
                     _KIND_CACHE[key] = {"lora"}
                     return _KIND_CACHE[key]
             _KIND_CACHE[key] = {d.kind for d in inspect(path)}

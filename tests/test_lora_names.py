@@ -130,3 +130,27 @@ def test_a_file_with_only_foreign_keys_is_still_refused():
         parse_lora({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 8),
                     "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(8, 2),
                     "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8)})
+
+
+def test_lycoris_and_diff_only_files_are_recognised_as_loras(tmp_path):
+    """A file of LoHa or plain diffs has no lora_* key: it is still listed as a LoRA and a model loader
+    still says it is one; a model with one odd key is not mistaken for a LoRA."""
+    from wuerstchen import checkpoints
+    from wuerstchen.lora.formats import looks_like_lora
+
+    loha = {f"lora_unet_down_blocks_0_1_channelwise_0.hada_w{i}_{ab}": (2, 4) for i in (1, 2) for ab in "ab"}
+    diffs = {"diffusion_model.clf.1.diff": (16, 32, 1, 1), "diffusion_model.clf.1.diff_b": (16,)}
+    assert looks_like_lora(loha) and looks_like_lora(diffs)
+    assert "a LoRA" in checkpoints.describe_foreign(loha)
+    model_keys = {f"down_blocks.0.{i}.mapper.weight": (8, 8) for i in range(5)}
+    assert not looks_like_lora({**model_keys, "down_blocks.0.0.alpha": ()})
+
+    import torch
+    from safetensors.torch import save_file
+
+    from nodes import host
+
+    folder = tmp_path / "models"
+    (folder / "loras").mkdir(parents=True)
+    save_file({k: torch.zeros(v) for k, v in loha.items()}, str(folder / "loras" / "loha.safetensors"))
+    assert host._kinds_in(folder / "loras" / "loha.safetensors") == {"lora"}

@@ -94,10 +94,12 @@ class CascadeFiles:
 class Cascade:
     """Stage C -> Stage B -> Stage A from a folder of weights, with offloading between stages."""
 
-    def __init__(self, files: CascadeFiles, manager: Optional[ModelManager] = None, root: str = "."):
+    def __init__(self, files: CascadeFiles, manager: Optional[ModelManager] = None, root: str = ".",
+                 embeddings=None):
         self.files = files
         self.manager = manager or ModelManager()
         self.root = root
+        self.embeddings = embeddings  # where ``embedding:NAME`` in a prompt is looked up
 
     def model(self, kind: str) -> LoadedModel:
         self.files.require([kind], self.root)
@@ -120,7 +122,7 @@ class Cascade:
     def encode_prompts(self, prompts: Sequence[str], loras: Sequence[LoraUse] = ()) -> Conditioning:
         te = self.model("clip_text")
         with self.manager.running(te):
-            return pipeline.encode_text(te.module, prompts, loras)
+            return pipeline.encode_text(te.module, prompts, loras, self.embeddings)
 
     def control_hints(self, controls: Sequence[Control]) -> List[tuple]:
         """(ControlNet, prepared hint) per request: the net found by kind, its input made by the recipe."""

@@ -164,7 +164,9 @@ def describe_foreign(shapes: Shapes) -> str:
     def any_key(*needles):
         return any(n in joined for n in needles)
 
-    if any_key("lora_down", "lora_up", "lora_A", "lora_B", ".alpha"):
+    from .lora.formats import looks_like_lora
+
+    if looks_like_lora(keys):
         return "a LoRA (load it with the Wuerstchen LoRA loader, not as a model)"
     if any_key("projection.weight") and any_key("cond_mapper.0.weight") and any_key(".kv_mapper."):
         return "a Würstchen v2 prior (warp-ai/wuerstchen-prior), not Stable Cascade's Stage C"

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="", help="negative prompt (default: empty, as the official notebook)")
     g.add_argument("--models", required=True, help="folder holding the weight files (found by content, any layout)")
+    g.add_argument("--embeddings", default=None,
+                   help="folder of textual-inversion embeddings for embedding:NAME in prompts "
+                        "(default: MODELS/embeddings)")
     g.add_argument("--out", required=True, help="output PNG; with --batch > 1, _N is appended")
     g.add_argument("--width", type=int, default=1024)
     g.add_argument("--height", type=int, default=1024)
@@ -181,7 +184,8 @@ def cmd_generate(args) -> int:
         return 2
     files = CascadeFiles.from_dir(args.models, args.stage_c_variant, args.stage_b_variant)
     manager = ModelManager(dtype=DTYPES[args.dtype], device=args.device)
-    cascade = Cascade(files, manager, root=args.models)
+    embeddings = args.embeddings or str(Path(args.models) / "embeddings")
+    cascade = Cascade(files, manager, root=args.models, embeddings=embeddings)
     stage_c = StageCSettings(steps=args.c_steps, cfg=args.c_cfg, shift=args.c_shift, sampler=args.sampler,
                              cfg_rho=args.cfg_rho, denoise=args.denoise if image is not None and not args.variation else 1.0)
     stage_b = StageBSettings(steps=args.b_steps, cfg=args.b_cfg, shift=args.b_shift,

@@ -176,11 +176,14 @@ def check_size(height: int, width: int, where: str = "size") -> None:
 
 
 @torch.no_grad()
-def encode_text(text_encoder: nn.Module, prompts: Sequence[str], loras: Sequence[LoraUse] = ()) -> Conditioning:
+def encode_text(text_encoder: nn.Module, prompts: Sequence[str], loras: Sequence[LoraUse] = (),
+                embeddings=None) -> Conditioning:
     """Official CLIP-G conditioning: hidden state before the final LayerNorm, and the pooled token.
-    ``loras`` patch the encoder (text strengths, learned tokens) while it encodes."""
+    ``loras`` patch the encoder (text strengths, learned tokens) while it encodes; ``embeddings``
+    is where ``embedding:NAME`` in a prompt is looked up (folders, a mapping or a resolver; see
+    :func:`wuerstchen.embeddings.embedding_resolver`)."""
     with text_loras(text_encoder, loras):
-        clip_text, clip_text_pooled = text_encoder.encode_prompts(list(prompts))
+        clip_text, clip_text_pooled = text_encoder.encode_prompts(list(prompts), embeddings=embeddings)
     return Conditioning(clip_text.float().cpu(), clip_text_pooled.float().cpu())
 
 

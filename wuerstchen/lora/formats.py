@@ -90,6 +90,18 @@ def split_key(key: str) -> Optional[Tuple[str, str, str]]:
     return None
 
 
+def is_lora_key(key: str) -> bool:
+    """Whether a tensor key is one a LoRA-style trainer writes (any adapter kind, tokens included)."""
+    return bool(split_key(key) or OFFICIAL_WEIGHT_KEY.match(key) or BUNDLE_EMBEDDING_KEY.match(key)
+                or key in (OFFICIAL_EMBEDDINGS, OFFICIAL_INDICES))
+
+
+def looks_like_lora(keys: Iterable[str]) -> bool:
+    """A file whose keys are mostly LoRA keys (LyCORIS-only and diff-only files included)."""
+    keys = list(keys)
+    return bool(keys) and 2 * sum(is_lora_key(k) for k in keys) >= len(keys)
+
+
 # ----------------------------------------------------------------------------------------------
 # Module names, derived from the networks' own parameter names
 
