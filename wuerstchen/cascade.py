@@ -38,18 +38,30 @@ class MissingWeightsError(FileNotFoundError):
     pass
 
 
-def scan_models(root: os.PathLike | str) -> Dict[str, List[tuple]]:
-    """Every usable network below ``root``: kind -> [(path, detection)], unreadable files skipped."""
+def scan_models(root: os.PathLike | str, skipped: Optional[list] = None) -> Dict[str, List[tuple]]:
+    """Every usable network below ``root``: kind -> [(path, detection)]; symlinks are followed.
+
+    A file that cannot be used (corrupt, truncated, a FIFO, a symlink loop, ...) never ends the
+    scan: it is skipped with a logged warning naming it and why, and recorded in ``skipped`` (a
+    list of :class:`~wuerstchen.model_files.SkippedFile`) when one is given, so a missing-weights
+    message can say "stage_b.safetensors was found but is truncated" instead of "missing".
+    """
+    import logging
+
+    from .model_files import SkippedFile, walk
+
     root = Path(root)
     found: Dict[str, List[tuple]] = {}
     if not root.exists():
         return found
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
-            continue
+    for path in walk(root):
         try:
             dets = inspect(path)
-        except (WeightFileError, ValueError):
+        except Exception as exc:  # noqa: BLE001 - one bad file must not hide the good ones
+            record = SkippedFile.from_error(path, exc)
+            logging.getLogger("wuerstchen").warning("skipped %s: %s", path, record.reason)
+            if skipped is not None:
+                skipped.append(record)
             continue
         for det in dets:
             found.setdefault(det.kind, []).append((path, det))

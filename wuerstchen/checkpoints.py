@@ -589,13 +589,17 @@ def load_parts(
     for det in wanted:
         if det.kind in loaded:
             continue
-        loaded[det.kind] = _load_detection(src, path, shapes, det, dtype, device)
+        try:  # wrong dtypes, NaN/inf values, a file cut short while reading
+            loaded[det.kind] = _load_detection(src, path, shapes, det, dtype, device)
+        except WeightFileError as exc:
+            raise CheckpointError(str(exc)) from None
     return loaded
 
 
 def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detection, dtype, device) -> LoadedModel:
     if det.kind in ("clip_text", "clip_vision"):
         keys = [k for k in shapes if k.startswith(det.prefix)]
+        src.check_floating([k for k in keys if not _ignorable(k)], det.title)
         sd = src.read(keys, dtype=dtype, device=device, strip_prefix=det.prefix)
         try:
             if det.kind == "clip_text":
@@ -631,6 +635,8 @@ def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detectio
                 for k in module_keys}
     renamed = {next((m for m, f in file_key.items() if f == k), k): v for k, v in sub_shapes.items()}
     _check_shapes(module, {k: v for k, v in renamed.items() if not _ignorable(k)}, path.name, det.title)
+    expected = module.state_dict()
+    src.check_floating([det.prefix + file_key[k] for k in module_keys if expected[k].is_floating_point()], det.title)
     raw = src.read([det.prefix + file_key[k] for k in module_keys], dtype=dtype, device=device, strip_prefix=det.prefix)
     sd = {k: raw[file_key[k]] for k in module_keys}
     module.load_state_dict(sd, strict=True, assign=True)
