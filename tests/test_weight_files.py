@@ -312,6 +312,29 @@ def test_nan_or_inf_weights_name_the_first_bad_tensor(tmp_path, suffix, dtype):
     refused(path, f"tensor {first!r} holds 2 NaN/inf value(s) of {state[first].numel()}", dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_bit_level_finiteness_test_agrees_with_torch(dtype, monkeypatch):
+    """Every special value (NaN payloads of both signs, ±inf, ±max, subnormals, ±0) at chunk
+    borders and inside chunks, judged against torch.isfinite."""
+    monkeypatch.setattr(weights_io, "_READ_CHUNK", 64)
+    info = torch.finfo(dtype)
+    bits_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[info.bits // 8]
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), info.max, -info.max, info.tiny / 4, 0.0,
+                             -0.0, info.tiny], dtype=dtype)
+    payload_nans = specials[:1].repeat(3)
+    payload_nans.view(bits_dtype)[1] |= 1  # a quiet NaN with a payload
+    payload_nans.view(bits_dtype)[2] = -1  # all bits set: a negative NaN
+    values = torch.cat([specials, payload_nans])
+    base = torch.randn(100, dtype=torch.float64).to(dtype)
+    for position in (0, 7, 31, 32, 33, 63, 64, 99):
+        for value in values:
+            t = base.clone()
+            t[position] = value
+            assert weights_io._all_finite(t) == bool(torch.isfinite(t).all()), (position, value)
+    assert weights_io._all_finite(base[::3].view(1, -1))  # a strided view
+    assert weights_io._all_finite(torch.empty(0, dtype=dtype))
+
+
 def test_nan_in_a_lora_is_refused(tmp_path):
     path = tmp_path / "nan_lora.safetensors"
     lora.write_tiny_lora(path, "official", tiny.STAGE_C, rank=2)

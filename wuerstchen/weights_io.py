@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import safetensors_header
@@ -135,19 +136,41 @@ def _regular_file_opener(path, flags: int) -> int:
 def check_finite(tensor: torch.Tensor, key: str, path: Path) -> None:
     """Refuse a floating tensor holding NaN or inf: such weights make black images, not errors.
 
-    ``aminmax`` propagates NaN and shows ±inf in one pass without a temporary, about ten times
-    cheaper than ``isfinite().all()``; the exact count is only taken once something is wrong.
+    The exact count is only taken once something is wrong.
     """
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return
-    if tensor.dtype not in _DTYPE_NAMES:  # float8 and friends (pickled files): no aminmax kernel
-        tensor = tensor.float()
-    low, high = torch.aminmax(tensor)
-    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+    if not tensor.is_floating_point() or _all_finite(tensor):
         return
     bad = int((~torch.isfinite(tensor)).sum())
     raise _error(path, f"tensor {key!r} holds {bad} NaN/inf value(s) of {tensor.numel()}; the file is damaged "
                        "(download it again) or was saved from a diverged training run")
+
+
+# Exponent bits of each float format: a value is NaN or ±inf exactly when all of them are set.
+_EXPONENT_BITS = {
+    torch.float16: (torch.int16, np.uint16, 0x7C00),
+    torch.bfloat16: (torch.int16, np.uint16, 0x7F80),
+    torch.float32: (torch.int32, np.uint32, 0x7F800000),
+    torch.float64: (torch.int64, np.uint64, 0x7FF0000000000000),
+}
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``, tested on its bits with single-threaded numpy, piece by piece.
+
+    torch's reductions fan out to its thread pool, which on a busy machine waits at barriers far
+    longer than the work takes (measured 10-30x slower on 2 shared cores); the bit test runs at
+    memory speed on one core and needs no temporary larger than one piece.
+    """
+    spec = _EXPONENT_BITS.get(tensor.dtype)
+    if spec is None:  # float8 and other rare formats (pickled files only)
+        return bool(torch.isfinite(tensor.float()).all())
+    int_dtype, unsigned, mask = spec
+    bits = tensor.detach().cpu().contiguous().view(int_dtype).numpy().reshape(-1).view(unsigned)
+    step = _READ_CHUNK // bits.itemsize
+    for begin in range(0, bits.size, step):
+        if np.bitwise_and(bits[begin:begin + step], mask).max() == mask:
+            return False
+    return True
 
 
 def check_floating(dtypes: Mapping[str, torch.dtype], keys: Iterable[str], path: Path, title: str) -> None:
@@ -252,24 +275,42 @@ class SafetensorsFile:
                 info = self.tensors[key]
                 is_staged = staged(info)
                 raw = staging[: info.nbytes] if is_staged else torch.empty(info.nbytes, dtype=torch.uint8)
-                if info.nbytes:
-                    fh.seek(info.start)
-                    view = memoryview(raw.numpy())
-                    got = 0
-                    while got < info.nbytes:
-                        n = fh.readinto(view[got:])
-                        if not n:
-                            raise _error(self.path, f"file ended while reading {key!r}; was it cut short after "
-                                                    "it was opened? Download it again")
-                        got += n
+                finite = self._read_into(fh, raw, info, key)
                 tensor = raw.view(info.dtype).view(info.shape)
-                check_finite(tensor, key, self.path)
+                if not finite:
+                    check_finite(tensor, key, self.path)  # raises, with the count
                 if is_staged:  # a copy: the staging buffer is overwritten by the next tensor
                     cast = dtype if info.dtype.is_floating_point and dtype is not None else info.dtype
                     tensor = tensor.to(device=device, dtype=cast, copy=True)
                 out_key = key[len(strip_prefix):] if strip_prefix and key.startswith(strip_prefix) else key
                 out[out_key] = tensor
         return out
+
+    def _read_into(self, fh, raw: torch.Tensor, info: TensorInfo, key: str) -> bool:
+        """Fill ``raw`` with the tensor's bytes; False if a floating tensor holds NaN or inf.
+
+        Read in cache-sized pieces, each checked while it is still in the CPU cache: checking
+        after the whole tensor is read would be a second sweep through memory, which for a
+        multi-gigabyte model costs about as much as the read itself.
+        """
+        fh.seek(info.start)
+        view = memoryview(raw.numpy())
+        finite = True
+        for begin in range(0, info.nbytes, _READ_CHUNK):
+            end = min(begin + _READ_CHUNK, info.nbytes)
+            got = begin
+            while got < end:
+                n = fh.readinto(view[got:end])
+                if not n:
+                    raise _error(self.path, f"file ended while reading {key!r}; was it cut short after it was "
+                                            "opened? Download it again")
+                got += n
+            if finite and info.dtype.is_floating_point:
+                finite = _all_finite(raw[begin:end].view(info.dtype))
+        return finite
+
+
+_READ_CHUNK = 1 << 20  # a multiple of every element size
 
 
 class WeightSource:
