@@ -92,6 +92,23 @@ def test_deeply_nested_header_is_refused_without_recursion(tmp_path):
     assert weights_io.SafetensorsFile(ok).metadata["note"] == text
 
 
+@pytest.mark.parametrize("key, value", [
+    ("wuerstchen_config", "[" * 100_000),  # read by checkpoint detection
+    ("lora_adapter_metadata", '{"a":' * 100_000),  # read by the LoRA loader
+])
+def test_deeply_nested_json_in_a_metadata_value_is_refused(tmp_path, key, value):
+    state = tiny._random_module_state("previewer", tiny.PREVIEWER, 0)
+    path = tmp_path / "meta_json.safetensors"
+    weights_io.save_safetensors(state, path, metadata={key: value})
+    refused(path, f"metadata value {key!r} holds JSON nested more than 64 levels deep")
+    with pytest.raises(lora.LoraError, match="nested more than 64"):
+        lora.load_lora(path)
+    # Brackets in plain text, and JSON of ordinary depth, are fine.
+    weights_io.save_safetensors(state, path, metadata={key: "a photo " + "[" * 100, "j": "[" * 60 + "]" * 60,
+                                                       "prompt": "[cat:dog:0.5] on a mat"})
+    assert checkpoints.load(path).kind == "previewer"
+
+
 @pytest.mark.parametrize("metadata, needle", [
     ({"wuerstchen_config": 5}, "metadata value 'wuerstchen_config' is a JSON number"),
     ({"a": {"b": "c"}}, "metadata value 'a' is a JSON object"),

@@ -22,6 +22,9 @@ import numpy as np
 MAX_HEADER_BYTES = 100_000_000  # the format's own limit
 # The format nests three deep ({name: {"shape": [...]}}); a little room for extra entry fields.
 MAX_JSON_DEPTH = 8
+# Metadata values that hold JSON (configs, training settings) are parsed by their readers; real
+# ones nest a few levels, and a guard here keeps every reader safe from a crafted one.
+MAX_METADATA_JSON_DEPTH = 64
 
 # Every dtype name of the format, with its size in bits.
 DTYPE_BITS: Dict[str, int] = {
@@ -105,6 +108,10 @@ def _metadata(value) -> Dict[str, str]:
         if not isinstance(item, str):
             raise HeaderError(f"corrupt safetensors header: metadata value {key!r} is a JSON {_kind(item)}; "
                               "the format allows only strings")
+        if item.lstrip()[:1] in ("{", "[") and json_depth(item.encode("utf-8", "surrogatepass"),
+                                                           MAX_METADATA_JSON_DEPTH) > MAX_METADATA_JSON_DEPTH:
+            raise HeaderError(f"corrupt safetensors header: metadata value {key!r} holds JSON nested more than "
+                              f"{MAX_METADATA_JSON_DEPTH} levels deep")
     return dict(value)
 
 
