@@ -28,7 +28,6 @@ from wuerstchen.cascade import scan_models
 from wuerstchen.checkpoints import CheckpointError
 from wuerstchen.management import ModelManager
 from wuerstchen.model_files import SkippedFile
-from wuerstchen.weights_io import WeightFileError
 
 D8 = b"\0" * 8
 

@@ -90,7 +90,7 @@ def check_regular_file(path: os.PathLike | str) -> os.stat_result:
 
 def _stat_failure(path: Path, exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
-        return "symlink loop (the link leads back to itself); fix or remove the link"
+        return "symlink loop (following the links never reaches a file); fix or remove the link"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         if os.path.islink(path):
             return f"broken symlink (it points to {os.readlink(path)}, which does not exist); fix or remove the link"
