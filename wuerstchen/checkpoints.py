@@ -281,7 +281,10 @@ def load_parts(
     for det in wanted:
         if det.kind in loaded:
             continue
-        loaded[det.kind] = _load_detection(src, path, shapes, det, dtype, device)
+        try:  # wrong dtypes, NaN/inf values, a file cut short while reading
+            loaded[det.kind] = _load_detection(src, path, shapes, det, dtype, device)
+        except WeightFileError as exc:
+            raise CheckpointError(str(exc)) from None
     return loaded
 
 
@@ -298,6 +301,8 @@ def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detectio
     kind = kind_table.get(det.kind)
     own_keys = [k for k in _strip(shapes, det.prefix)]
     if kind.from_state_dict is not None:
+        src.check_floating([det.prefix + k for k in own_keys if not _ignorable(k)]
+                           + [key for key, _ in det.siblings.values()], det.title)
         sd = _read_network(src, shapes, det, own_keys, dtype, device)
         try:
             module = kind.from_state_dict(sd, dtype, device, det.config)
@@ -320,6 +325,8 @@ def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detectio
                 for k in module_keys}
     renamed = {next((m for m, f in file_key.items() if f == k), k): v for k, v in sub_shapes.items()}
     _check_shapes(module, {k: v for k, v in renamed.items() if not _ignorable(k)}, path.name, det.title)
+    expected = module.state_dict()
+    src.check_floating([det.prefix + file_key[k] for k in module_keys if expected[k].is_floating_point()], det.title)
     raw = _read_network(src, shapes, det, [file_key[k] for k in module_keys], dtype, device)
     sd = {k: raw[file_key[k]] for k in module_keys}
     module.load_state_dict(sd, strict=True, assign=True)
