@@ -167,3 +167,12 @@ def test_fp8_safetensors_files_are_read(tmp_path):
     read = st.read()
     assert all(torch.equal(read[k].float(), v.float()) for k, v in tensors.items())
     assert st.read(["a"], dtype=torch.bfloat16)["a"].dtype == torch.bfloat16
+
+
+def test_loader_widgets_offer_fp8_after_the_existing_choices():
+    from nodes.loaders import DTYPES, WuerstchenCheckpointLoader, WuerstchenStageCLoader
+
+    assert list(DTYPES) == ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]  # saved workflows keep values
+    for node in (WuerstchenStageCLoader, WuerstchenCheckpointLoader):
+        choices, options = node.INPUT_TYPES()["required"]["dtype"]
+        assert choices == list(DTYPES) and "fp8" in options["tooltip"]

@@ -129,9 +129,9 @@ def test_partial_unload_streams_more_blocks_then_reloads():
     assert placement.load("cpu") == placement.total_bytes and not placement.streamed
     with torch.no_grad():
         assert torch.equal(model(**kwargs), expected)
-    # More than the blocks hold: only a full unload frees that much.
-    assert placement.unload(placement.total_bytes) == placement.total_bytes and placement.device is None
-    assert sim.live == 0
+    # More than the blocks hold: nothing changes (the caller unloads it whole instead).
+    assert placement.unload(placement.total_bytes) == 0 and sim.live == placement.total_bytes
+    assert placement.unload() == placement.total_bytes and placement.device is None and sim.live == 0
 
 
 def test_a_network_without_blocks_is_placed_whole():
@@ -213,3 +213,26 @@ def test_a_lora_on_a_streamed_stage_is_exact_and_unpatches_cleanly(tiny_dir, tmp
     assert torch.equal(got, expected)
     mgr.offload_all()
     assert all(torch.equal(original[n], p) for n, p in sc.module.named_parameters())
+
+
+def test_cli_vram_budget_and_fp8_reach_the_manager(tiny_dir, tmp_path, monkeypatch):
+    from wuerstchen import cli, management
+
+    made = []
+
+    class Recording(management.ModelManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(management, "ModelManager", Recording)
+    out = tmp_path / "img.png"
+    rc = cli.main(["generate", "--prompt", "a cat", "--models", str(tiny_dir), "--out", str(out), "--width", "64",
+                   "--height", "64", "--c-steps", "1", "--b-steps", "1", "--vram-budget", "0.5",
+                   "--dtype", "fp8_e4m3fn"])
+    assert rc == 0 and out.exists()
+    (mgr,) = made
+    assert mgr.memory_budget == 1 << 29 and mgr.preferred_dtype == torch.float8_e4m3fn
+    assert {m.kind: m.dtype for m in mgr.cached()}["stage_c"] == torch.float8_e4m3fn
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--prompt", "x", "--models", str(tiny_dir), "--out", str(out), "--vram-budget", "-1"])

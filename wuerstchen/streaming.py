@@ -289,27 +289,28 @@ class Placement:
         return self.loaded_bytes
 
     def unload(self, nbytes: Optional[int] = None) -> int:
-        """Free at least ``nbytes`` on the device by streaming more blocks (None: move it all back
-        to the offload device). Returns the bytes freed; less than asked when only the trunk is left."""
+        """Free at least ``nbytes`` on the device by streaming more blocks, or nothing if the blocks
+        do not hold that much (returns 0); None: move everything back to the offload device.
+        Returns the bytes freed."""
         if self.device is None:
             return 0
         before = self.loaded_bytes
-        if nbytes is not None and self.blocks:
-            streamed = set(self.streamed)
-            freed = 0
+        if nbytes is not None:
+            streamed, freed = set(self.streamed), 0
             for i in reversed(range(len(self.blocks))):
                 if freed >= nbytes:
                     break
                 if i not in streamed:
                     streamed.add(i)
                     freed += self.block_bytes[i]
-            if freed >= nbytes:
-                self._remove_hooks()
-                for i in streamed - self.streamed:
-                    self._move_block(i, self.transfers, to_device=False)
-                self.streamed = streamed
-                self._install_hooks()
-                return before - self.loaded_bytes
+            if freed < nbytes:
+                return 0
+            self._remove_hooks()
+            for i in streamed - self.streamed:
+                self._move_block(i, self.transfers, to_device=False)
+            self.streamed = streamed
+            self._install_hooks()
+            return before - self.loaded_bytes
         self._remove_hooks()
         self.transfers.unload_module(self.module)
         self.device, self.transfers, self.streamed = None, None, set()
