@@ -18,12 +18,15 @@ counts the bytes it holds (tests, CPU runs of the benchmarks).
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -286,6 +289,9 @@ class Placement:
         self.device, self.transfers, self.streamed = device, transfers, streamed
         if streamed:
             self._install_hooks()
+            log.info("%s: %d of %d blocks stream to %s (%.0f of %.0f MB resident, budget %.0f MB)",
+                     type(self.module).__name__, len(streamed), len(self.blocks), device,
+                     self.loaded_bytes / 2**20, self.total_bytes / 2**20, budget / 2**20)
         return self.loaded_bytes
 
     def unload(self, nbytes: Optional[int] = None) -> int:
