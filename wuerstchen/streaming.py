@@ -80,7 +80,10 @@ class Transfers:
     def host_copy(self, t: torch.Tensor) -> torch.Tensor:
         """The host tensor a streamed weight is copied from: pinned on CUDA (asynchronous copies)."""
         if self.device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
-            return t.pin_memory()
+            try:
+                return t.pin_memory()
+            except RuntimeError:  # no page-locked memory left: copies from it are merely synchronous
+                return t
         return t
 
     def fetch(self, tensors: Sequence[torch.Tensor]) -> Fetch:
