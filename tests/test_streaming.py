@@ -236,3 +236,16 @@ def test_cli_vram_budget_and_fp8_reach_the_manager(tiny_dir, tmp_path, monkeypat
     assert {m.kind: m.dtype for m in mgr.cached()}["stage_c"] == torch.float8_e4m3fn
     with pytest.raises(SystemExit):
         cli.main(["generate", "--prompt", "x", "--models", str(tiny_dir), "--out", str(out), "--vram-budget", "-1"])
+
+
+def test_a_nested_run_never_evicts_the_outer_running_stage(tiny_dir):
+    sim = SimulatedDevice()
+    mgr = ModelManager(device="cpu", dtype=torch.float32, transfers=lambda d, o: sim)  # one running set at a time
+    sc = mgr.load(tiny_dir / "stage_c.safetensors", ["stage_c"])
+    sb = mgr.load(tiny_dir / "stage_b.safetensors", ["stage_b"])
+    with mgr.running(sc):
+        with mgr.running(sb):
+            assert mgr.placement(sc).device is not None and mgr.placement(sb).device is not None
+    with mgr.running(sb):  # sc is idle now: it goes
+        assert mgr.placement(sc).device is None
+    assert sim.live == mgr.placement(sb).loaded_bytes

@@ -135,7 +135,7 @@ class LocalPlacer(Placer):
         budget = self.manager.memory_budget
         placed_bytes = sum(p.loaded_bytes for p in self.placed.values())
         for pid in list(self.placed):
-            if pid in keep:
+            if pid in keep or self.manager.is_running(self.placed[pid].module):
                 continue
             if budget is not None and placed_bytes + needed <= budget:
                 break
@@ -162,14 +162,6 @@ class LocalPlacer(Placer):
         self.placed.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def physical_memory() -> Optional[int]:
