@@ -14,7 +14,7 @@ from wuerstchen import pipeline, tiny
 from wuerstchen.lora import apply_loras, load_lora, write_tiny_lora
 from wuerstchen.management import ModelManager
 from wuerstchen.models.stage_c import StageC
-from wuerstchen.streaming import Placement, SimulatedDevice
+from wuerstchen.streaming import Placement, SimulatedDevice, Transfers
 
 
 def _parity_model(name):
@@ -132,6 +132,19 @@ def test_partial_unload_streams_more_blocks_then_reloads():
     # More than the blocks hold: nothing changes (the caller unloads it whole instead).
     assert placement.unload(placement.total_bytes) == 0 and sim.live == placement.total_bytes
     assert placement.unload() == placement.total_bytes and placement.device is None and sim.live == 0
+
+
+def test_plain_transfers_stream_too():
+    """The default Transfers (here CPU to CPU, as ComfyUI on CPU uses them) run the same schedule."""
+    model, kwargs = _parity_model("stage_c")
+    with torch.no_grad():
+        expected = model(**kwargs)
+    placement = Placement(model, torch.device("cpu"), lambda device: Transfers(device, "cpu"))
+    placement.load("cpu", _budget_streaming_half(placement))
+    assert placement.streamed
+    with torch.no_grad():
+        assert torch.equal(model(**kwargs), expected)
+    assert placement.unload() > 0 and not placement._hooks
 
 
 def test_a_network_without_blocks_is_placed_whole():
