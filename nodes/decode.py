@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-
 from wuerstchen import pipeline
 
+from . import comfy_types as T
 from . import handles as H
 from .host import Progress, manager
-from .latents import stage_b_from_comfy
 from .loaders import require
 
 CATEGORY = "wuerstchen/decode"
-AUTO_TILE_CELLS = 192 * 192  # above this many latent cells, decode in tiles
 
 
 class WuerstchenStageADecode:
@@ -33,13 +30,11 @@ class WuerstchenStageADecode:
 
     def decode(self, stage_a, latent, tile_size):
         sa = require(stage_a, "stage_a", "WuerstchenStageADecode", "stage_a")
-        x = stage_b_from_comfy(latent["samples"])
-        h, w = x.shape[-2:]
-        tile = tile_size or (128 if h * w > AUTO_TILE_CELLS else 0)
         progress = Progress(1)
-        with manager().running(sa.model), torch.no_grad():
-            images = pipeline.decode_stage_a(sa.module, x, tile=tile, callback=lambda i, n: progress(i, n))
-        return (pipeline.to_image_layout(images),)
+        with manager().running(sa.model):
+            images = pipeline.decode_stage_a(sa.module, T.stage_b_in(latent), tile=tile_size or None,
+                                             callback=lambda i, n: progress(i, n))
+        return (T.images_out(images),)
 
 
 class WuerstchenPreviewDecode:
@@ -59,4 +54,4 @@ class WuerstchenPreviewDecode:
         pv = require(previewer, "previewer", "WuerstchenPreviewDecode", "previewer")
         with manager().running(pv.model):
             images = pipeline.preview_stage_c(pv.module, latent["samples"])
-        return (pipeline.to_image_layout(images),)
+        return (T.images_out(images),)

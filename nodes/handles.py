@@ -7,11 +7,11 @@ model (shared by every graph that loaded the same file) is never changed by a no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
-
-import torch
+from typing import List, Optional, Tuple
 
 from wuerstchen.checkpoints import LoadedModel
+from wuerstchen.control import Hint
+from wuerstchen.pipeline import LoraUse
 
 STAGE_C = "WUERSTCHEN_STAGE_C"
 STAGE_B = "WUERSTCHEN_STAGE_B"
@@ -23,39 +23,35 @@ CLIP_VISION = "WUERSTCHEN_CLIP_VISION"
 CONTROLNET = "WUERSTCHEN_CONTROLNET"
 CONTROL = "WUERSTCHEN_CONTROL"
 
-# Keys we add to ComfyUI CONDITIONING / LATENT dicts (other nodes copy dicts and keep them).
-COND_IMAGE_TOKENS = "wuerstchen_clip_img"  # [1, N, 768] image embeddings, strength applied
-LATENT_SIZE = "wuerstchen_size"  # (height, width) the Stage C latent was made for
-LATENT_COMPRESSION = "wuerstchen_compression"
-
 
 @dataclass(frozen=True)
 class ModelHandle:
     model: LoadedModel
-    loras: Tuple = ()  # ((lora_file, strength_model, strength_clip), ...), applied at run time
+    loras: Tuple[LoraUse, ...] = ()  # applied by the core while the model runs
 
     @property
     def module(self):
         return self.model.module
 
     def with_lora(self, lora, strength_model: float, strength_clip: float) -> "ModelHandle":
-        return ModelHandle(self.model, self.loras + ((lora, float(strength_model), float(strength_clip)),))
+        return ModelHandle(self.model, self.loras + (LoraUse(lora, float(strength_model), float(strength_clip)),))
 
 
 @dataclass(frozen=True)
 class ControlHint:
-    """One ControlNet application: the net, its input map, strength and active step range."""
+    """One ControlNet application (the core's prepared hint) and the loaded net it needs on the device."""
 
     controlnet: LoadedModel
-    control_input: torch.Tensor  # [B, c_in, H, W] as the ControlNet expects it
-    strength: float = 1.0
-    start: float = 0.0  # fraction of the sampling run
-    end: float = 1.0
+    hint: Hint
     previous: Optional["ControlHint"] = None
 
-    def chain(self):
-        hint, out = self, []
-        while hint is not None:
-            out.append(hint)
-            hint = hint.previous
+    @property
+    def control_input(self):
+        return self.hint.control_input
+
+    def chain(self) -> List["ControlHint"]:
+        link, out = self, []
+        while link is not None:
+            out.append(link)
+            link = link.previous
         return list(reversed(out))

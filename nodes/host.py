@@ -223,6 +223,12 @@ def resolve_model(role: str, name: str) -> Path:
                     f"({', '.join(FOLDERS[role])}, plus models/{OWN_FOLDER})")
 
 
+def embedding_folders() -> List[Path]:
+    """Where ``embedding:NAME`` in a prompt looks: ComfyUI's ``embeddings`` folders (outside ComfyUI,
+    ``<models root>/embeddings``). Pass to ``encode_prompts(..., embeddings=...)``."""
+    return _folder_dirs("embeddings")
+
+
 # ------------------------------------------------------------------------------------------------
 # Progress, previews, interruption
 

@@ -1,9 +1,4 @@
-"""Latent nodes. LATENT dicts keep ComfyUI's Stable Cascade layout.
-
-Stage C latents: ``{"samples": [B, 16, h, w]}`` at the official scale (ComfyUI's SC_Prior has
-scale 1). Stage B latents: ``{"samples": [B, 4, H/4, W/4]}`` as ComfyUI keeps them, i.e. the raw
-VQGAN encoder output, which is the official Stage B latent times 0.43.
-"""
+"""Latent nodes: empty latents for a size, and images encoded into Stage C and Stage B latents."""
 
 from __future__ import annotations
 
@@ -11,34 +6,13 @@ import torch
 
 from wuerstchen import pipeline
 
+from . import comfy_types as T
 from . import handles as H
 from .host import NodeError, manager
 from .loaders import require
 
 CATEGORY = "wuerstchen/latent"
 MAX_SIZE = 8192
-
-
-def stage_b_to_comfy(latent: torch.Tensor) -> torch.Tensor:
-    return latent * pipeline.STAGE_A_SCALE
-
-
-def stage_b_from_comfy(samples: torch.Tensor) -> torch.Tensor:
-    return samples.float() / pipeline.STAGE_A_SCALE
-
-
-def stage_c_latent(samples: torch.Tensor, height: int, width: int, compression: float) -> dict:
-    return {"samples": samples, H.LATENT_SIZE: (int(height), int(width)), H.LATENT_COMPRESSION: float(compression)}
-
-
-def output_size(latent: dict, compression_default: float = pipeline.OFFICIAL_COMPRESSION):
-    """(H, W) a Stage C latent stands for: the size it was made for, if it still fits its shape."""
-    h, w = latent["samples"].shape[-2:]
-    compression = float(latent.get(H.LATENT_COMPRESSION, compression_default))
-    size = latent.get(H.LATENT_SIZE)
-    if size is not None and pipeline.stage_c_latent_size(size[0], size[1], compression) == (h, w):
-        return int(size[0]), int(size[1])
-    return pipeline.output_size_from_stage_c(h, w, compression)
 
 
 class WuerstchenEmptyLatent:
@@ -66,7 +40,7 @@ class WuerstchenEmptyLatent:
         pipeline.check_size(height, width, "WuerstchenEmptyLatent")
         h_c, w_c = pipeline.stage_c_latent_size(height, width, compression)
         h_b, w_b = pipeline.stage_b_latent_size(height, width)
-        c = stage_c_latent(torch.zeros(batch_size, 16, h_c, w_c), height, width, compression)
+        c = T.stage_c_out(torch.zeros(batch_size, 16, h_c, w_c), (height, width), compression)
         b = {"samples": torch.zeros(batch_size, 4, h_b, w_b)}
         return (c, b)
 
@@ -91,12 +65,10 @@ class WuerstchenSemanticEncode:
 
     def encode(self, semantic_compressor, image, compression):
         eff = require(semantic_compressor, "effnet", "WuerstchenSemanticEncode", "semantic_compressor")
-        x = pipeline.from_image_layout(image)
-        height, width = x.shape[-2:]
-        latent_size = pipeline.stage_c_latent_size(height, width, compression)
+        x = T.images_in(image)
         with manager().running(eff.model):
-            latent = pipeline.encode_semantic(eff.module, x, latent_size)
-        return (stage_c_latent(latent, height, width, compression),)
+            latent = pipeline.encode_semantic(eff.module, x, compression=compression)
+        return (T.stage_c_out(latent, x.shape[-2:], compression),)
 
 
 class WuerstchenStageAEncode:
@@ -115,10 +87,9 @@ class WuerstchenStageAEncode:
 
     def encode(self, stage_a, image):
         sa = require(stage_a, "stage_a", "WuerstchenStageAEncode", "stage_a")
-        x = pipeline.from_image_layout(image)
-        h, w = (x.shape[-2] // 4) * 4, (x.shape[-1] // 4) * 4
-        if h == 0 or w == 0:
-            raise NodeError(f"WuerstchenStageAEncode: image of {x.shape[-1]}x{x.shape[-2]} is too small")
-        with manager().running(sa.model):
-            latent = pipeline.encode_stage_a(sa.module, x[:, :, :h, :w])
-        return ({"samples": stage_b_to_comfy(latent)},)
+        try:
+            with manager().running(sa.model):
+                latent = pipeline.encode_stage_a(sa.module, T.images_in(image))
+        except ValueError as exc:
+            raise NodeError(f"WuerstchenStageAEncode: {exc}") from None
+        return (T.stage_b_out(latent),)

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import List, Optional
+from typing import Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from wuerstchen import lora as lora_lib
 from wuerstchen import pipeline
 from wuerstchen.sampling import SAMPLERS
-from wuerstchen.schedule import img2img_steps
 
+from . import comfy_types as T
 from . import handles as H
-from .conditioning import from_comfy
 from .host import NodeError, Progress, manager, previews_enabled
-from .latents import output_size, stage_b_to_comfy, stage_c_latent
 from .loaders import require
 
 CATEGORY = "wuerstchen/sampling"
@@ -30,93 +24,12 @@ def _sampler_input(default: str = "ddpm"):
                                                             "ddpm on this schedule, dpmpp_2m/ddim are deterministic."})
 
 
-def _to_pil(images: torch.Tensor):
-    from PIL import Image
-
-    arr = (images[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
-    return Image.fromarray(arr)
-
-
 def stage_c_previewer(previewer: Optional[H.ModelHandle]):
-    """x0 -> PIL preview: the previewer model when given, else a model-free approximation."""
+    """x0 -> PIL preview for the progress bar, when ComfyUI shows previews."""
     if not previews_enabled():
         return None
-
-    def show(x0: torch.Tensor):
-        if previewer is not None:
-            rgb = pipeline.preview_stage_c(previewer.module, x0[:1])
-        else:
-            rgb = F.interpolate(pipeline.latent_rgb_preview(x0[:1].float().cpu()), scale_factor=8, mode="nearest")
-        return _to_pil(rgb)
-
-    return show
-
-
-class _ControlledStageC(torch.nn.Module):
-    """Stage C with ControlNet maps added only inside each hint's step range."""
-
-    def __init__(self, stage_c, hints: List[H.ControlHint], maps: List[List[Optional[torch.Tensor]]]):
-        super().__init__()
-        self.stage_c = stage_c
-        self.hints, self.maps = hints, maps
-
-    def parameters(self, recurse: bool = True):
-        return self.stage_c.parameters(recurse)
-
-    @property
-    def clip_img_mapper(self):
-        return self.stage_c.clip_img_mapper
-
-    def forward(self, x, r, **kwargs):
-        # r runs from ~1 (start) to 0 (end); a hint is active while progress is in [start, end].
-        progress = 1.0 - float(r.flatten()[0])
-        total: Optional[List[Optional[torch.Tensor]]] = None
-        for hint, maps in zip(self.hints, self.maps):
-            if not (hint.start - 1e-6 <= progress <= hint.end + 1e-6):
-                continue
-            scaled = [None if m is None else m * hint.strength for m in maps]
-            total = scaled if total is None else _add_maps(total, scaled)
-        if total is not None:
-            batch = x.shape[0]
-            kwargs["cnet"] = [None if m is None else _fit_batch(m, batch) for m in total]
-        return self.stage_c(x, r, **kwargs)
-
-
-def _add_maps(a: List[Optional[torch.Tensor]], b: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
-    """Sum two hints' per-ResBlock maps; maps of other sizes are resized as Stage C would resize them."""
-    n = max(len(a), len(b))
-    a, b = a + [None] * (n - len(a)), b + [None] * (n - len(b))
-    out = []
-    for p, q in zip(a, b):
-        if p is None or q is None:
-            out.append(p if q is None else q)
-            continue
-        if p.shape[-2:] != q.shape[-2:]:
-            q = F.interpolate(q, size=p.shape[-2:], mode="bilinear", align_corners=True)
-        if p.shape[0] != q.shape[0]:
-            batch = max(p.shape[0], q.shape[0])
-            p, q = _fit_batch(p, batch), _fit_batch(q, batch)
-        out.append(p + q)
-    return out
-
-
-def _fit_batch(m: torch.Tensor, batch: int) -> torch.Tensor:
-    """Tile control maps over the model batch, which is [cond; uncond] (the same maps for both)."""
-    if m.shape[0] == batch:
-        return m
-    if batch % m.shape[0] == 0:
-        return m.repeat(batch // m.shape[0], 1, 1, 1)
-    return m[:1].expand(batch, -1, -1, -1)
-
-
-@contextlib.contextmanager
-def stage_c_loras(handle: H.ModelHandle):
-    stack = [(lf, s_model) for lf, s_model, _s_clip in handle.loras if lf.stage_c or lf.stage_c_indexed]
-    if not stack:
-        yield
-        return
-    with lora_lib.apply_loras(handle.module, stack, part="stage_c"):
-        yield
+    module = previewer.module if previewer is not None else None
+    return lambda x0: T.to_pil(pipeline.preview_x0(x0, module))
 
 
 class WuerstchenStageCSampler:
@@ -156,52 +69,23 @@ class WuerstchenStageCSampler:
                control=None, previewer=None):
         node = "WuerstchenStageCSampler"
         sc = require(stage_c, "stage_c", node, "stage_c")
-        cond = from_comfy(positive, node, "positive")
-        uncond = from_comfy(negative, node, "negative")
-        samples = latent["samples"]
-        if samples.dim() != 4 or samples.shape[1] != sc.model.config["c_in"]:
-            raise NodeError(f"{node}: 'latent' must be a Stage C latent with {sc.model.config['c_in']} channels, got "
-                            f"shape {list(samples.shape)} (use Wuerstchen Empty Latent's stage_c output)")
-        _check_widths(node, sc.model.config, cond)
+        cond = T.conditioning_in(positive, node, "positive")
+        uncond = T.conditioning_in(negative, node, "negative")
+        samples = T.stage_c_in(latent, sc.model.config["c_in"], node, "latent")
         settings = pipeline.StageCSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, cfg_rho=cfg_rho,
                                            denoise=denoise)
-        real_steps = img2img_steps(steps, denoise) if denoise < 1.0 else steps
-        mgr = manager()
         hints = control.chain() if control is not None else []
         models = [sc.model] + [h.controlnet for h in hints] + ([previewer.model] if previewer is not None else [])
-        progress = Progress(real_steps, stage_c_previewer(previewer))
-        with mgr.running(*models), torch.no_grad():
-            model = sc.module
-            if hints:
-                maps = [_control_maps(h) for h in hints]
-                model = _ControlledStageC(sc.module, hints, maps)
-            try:
-                with stage_c_loras(sc):
-                    x0 = pipeline.sample_stage_c(
-                        model, cond, uncond, shape=tuple(samples.shape),
-                        init_latent=samples if denoise < 1.0 else None, seed=seed, settings=settings,
-                        callback=progress,
-                    )
-            except lora_lib.LoraError as exc:
-                raise NodeError(f"{node}: {exc}") from None
-        height, width = output_size(latent)
-        compression = float(latent.get(H.LATENT_COMPRESSION, pipeline.OFFICIAL_COMPRESSION))
-        return (stage_c_latent(x0, height, width, compression),)
-
-
-def _check_widths(node: str, config: dict, cond: pipeline.Conditioning) -> None:
-    if cond.clip_text.shape[-1] != config["c_clip_text"] or cond.clip_text_pooled.shape[-1] != config["c_clip_text_pooled"]:
-        raise NodeError(f"{node}: the conditioning has width {cond.clip_text.shape[-1]} but this Stage C expects "
-                        f"{config['c_clip_text']}: encode the prompt with the CLIP-G (ViT-bigG) text encoder")
-    if cond.clip_img is not None and cond.clip_img.shape[-1] != config["c_clip_img"]:
-        raise NodeError(f"{node}: image tokens are {cond.clip_img.shape[-1]} wide, this Stage C expects "
-                        f"{config['c_clip_img']} (the ViT-L/14 image encoder)")
-
-
-def _control_maps(hint: H.ControlHint) -> List[Optional[torch.Tensor]]:
-    net = hint.controlnet.module
-    param = next(net.parameters())
-    return [None if m is None else m.float() for m in net(hint.control_input.to(param.device, param.dtype))]
+        progress = Progress(settings.steps_to_run(img2img=denoise < 1.0), stage_c_previewer(previewer))
+        try:
+            with manager().running(*models), torch.no_grad():
+                x0 = pipeline.sample_stage_c(
+                    sc.module, cond, uncond, shape=tuple(samples.shape), init_latent=samples if denoise < 1.0 else None,
+                    seed=seed, settings=settings, loras=sc.loras, control=[h.hint for h in hints], callback=progress)
+        except ValueError as exc:
+            raise NodeError(f"{node}: {exc}") from None
+        size, compression = T.stage_c_size(latent)
+        return (T.stage_c_out(x0, size, compression),)
 
 
 class WuerstchenStageBSampler:
@@ -235,21 +119,17 @@ class WuerstchenStageBSampler:
     def sample(self, stage_b, stage_c, positive, negative, seed, steps, cfg, shift, sampler, width, height, cfg_rho):
         node = "WuerstchenStageBSampler"
         sb = require(stage_b, "stage_b", node, "stage_b")
-        latent_c = stage_c["samples"]
-        if latent_c.dim() != 4 or latent_c.shape[1] != sb.model.config["c_effnet"]:
-            raise NodeError(f"{node}: 'stage_c' must be a Stage C latent with {sb.model.config['c_effnet']} channels, "
-                            f"got shape {list(latent_c.shape)}")
-        auto_h, auto_w = output_size(stage_c)
+        latent_c = T.stage_c_in(stage_c, sb.model.config["c_effnet"], node, "stage_c")
+        (auto_h, auto_w), _compression = T.stage_c_size(stage_c)
         size = (height or auto_h, width or auto_w)
         pipeline.check_size(size[0], size[1], node)
-        cond = from_comfy(positive, node, "positive")
-        uncond = from_comfy(negative, node, "negative")
-        if cond.clip_text_pooled.shape[-1] != sb.model.config["c_clip"]:
-            raise NodeError(f"{node}: pooled text embedding is {cond.clip_text_pooled.shape[-1]} wide, Stage B expects "
-                            f"{sb.model.config['c_clip']}")
+        cond = T.conditioning_in(positive, node, "positive")
+        uncond = T.conditioning_in(negative, node, "negative")
         settings = pipeline.StageBSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, cfg_rho=cfg_rho)
-        progress = Progress(steps)
-        with manager().running(sb.model), torch.no_grad():
-            x0 = pipeline.sample_stage_b(sb.module, latent_c, cond.clip_text_pooled, uncond.clip_text_pooled,
-                                         size=size, seed=seed, settings=settings, callback=progress)
-        return ({"samples": stage_b_to_comfy(x0)},)
+        try:
+            with manager().running(sb.model), torch.no_grad():
+                x0 = pipeline.sample_stage_b(sb.module, latent_c, cond.clip_text_pooled, uncond.clip_text_pooled,
+                                             size=size, seed=seed, settings=settings, callback=Progress(steps))
+        except ValueError as exc:
+            raise NodeError(f"{node}: {exc}") from None
+        return (T.stage_b_out(x0),)

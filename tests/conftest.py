@@ -13,6 +13,7 @@ if str(REPO_ROOT) not in sys.path:  # `import wuerstchen` / `import nodes` from 
 REFERENCE_DIR = Path(os.environ.get("WUERSTCHEN_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
 PARITY_DIR = REFERENCE_DIR / "parity"
 MANIFEST_DIR = REFERENCE_DIR / "manifests"
+V2_DIR = REFERENCE_DIR / "v2"
 
 
 def _require(path: Path) -> Path:
@@ -48,3 +49,32 @@ def load_parity(name: str):
 
 def load_manifest(name: str) -> dict:
     return json.loads(_require(MANIFEST_DIR / f"{name}.json").read_text())
+
+
+def load_v2(name: str):
+    """Return (json, weights state dict or None, io tensors) for a Würstchen v2 vector (``v2/NAME``)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads(_require(V2_DIR / f"{name}.json").read_text())
+    weights_path = V2_DIR / f"{name}.weights.safetensors"
+    weights = load_file(str(weights_path)) if weights_path.exists() else None
+    io_path = V2_DIR / f"{name}.io.safetensors"
+    io = load_file(str(io_path)) if io_path.exists() else {}
+    return meta, weights, io
+
+
+def recorded_seed(text: str) -> int:
+    """The seed in a JSON field such as ``"torch.Generator().manual_seed(4010)"``."""
+    import re
+
+    match = re.search(r"manual_seed\((\d+)\)", text)
+    if match is None:
+        raise ValueError(f"no manual_seed(...) in {text!r}")
+    return int(match.group(1))
+
+
+def load_v2_file(name: str):
+    """A named file of ``v2/`` (e.g. ``v2_prior_sampling.weights.safetensors``) as a state dict."""
+    from safetensors.torch import load_file
+
+    return load_file(str(_require(V2_DIR / name)))

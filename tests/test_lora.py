@@ -445,24 +445,39 @@ def test_full_size_lora_on_lite_model_says_which_is_which():
         apply_loras(full, [(official_lite, 1.0)])
 
 
-def test_partly_matching_lora_needs_strict_false(stage_c, tmp_path):
+def test_partly_matching_lora_applies_what_matches_and_reports_the_rest(stage_c, caplog):
     tensors = write_tiny_lora(None, "kohya", stage_c)
     tensors["lora_unet_down_blocks_1_41_attention_attn_out_proj.lora_down.weight"] = torch.zeros(2, 32)
     tensors["lora_unet_down_blocks_1_41_attention_attn_out_proj.lora_up.weight"] = torch.zeros(32, 2)
     lora = parse_lora(tensors, name="extra.safetensors")
-    with pytest.raises(LoraError, match="name weights it does not have.*down_blocks.1.41"):
-        apply_loras(stage_c, [(lora, 1.0)])
-    with apply_loras(stage_c, [(lora, 1.0)], strict=False) as patch:
+    with caplog.at_level("WARNING", logger="wuerstchen.lora"), apply_loras(stage_c, [(lora, 1.0)]) as patch:
         assert patch.report[0].missing == ["down_blocks.1.41.attention.attn.out_proj.weight"]
         assert patch.report[0].matched == patch.report[0].total - 1
+        assert len(patch.patched) > 0
+    message = caplog.records[-1].getMessage()
+    assert message.startswith(f"extra.safetensors: applied {len(lora.stage_c) - 1} of {len(lora.stage_c)} modules")
+    assert "down_blocks.1.41.attention.attn.out_proj.weight" in message
+    with pytest.raises(LoraError, match="name weights it does not have.*down_blocks.1.41"):
+        apply_loras(stage_c, [(lora, 1.0)], strict=True)
 
 
-@pytest.mark.parametrize("suffix, kind", [("dora_scale", "DoRA"), ("hada_w1_a", "LoHa")])
-def test_unsupported_adapter_kinds_are_refused(suffix, kind):
+def test_unsupported_adapter_kinds_are_refused():
+    oft = {"lora_unet_down_blocks_0_2_attention_attn_out_proj.oft_blocks": torch.zeros(4, 8, 8)}
+    with pytest.raises(LoraError, match="uses OFT .*lora_unet_down_blocks_0_2_attention_attn_out_proj.oft_blocks"):
+        parse_lora(oft)
+    # beside supported modules, an unsupported one is left out and named
+    mixed = dict(oft, **{"lora_unet_clip_txt_mapper.lora_down.weight": torch.zeros(2, 24),
+                         "lora_unet_clip_txt_mapper.lora_up.weight": torch.zeros(32, 2)})
+    lora = parse_lora(mixed)
+    assert [d.target for d in lora.stage_c] == ["clip_txt_mapper.weight"]
+    assert lora.unused == [("lora_unet_down_blocks_0_2_attention_attn_out_proj.oft_blocks", "OFT is not supported")]
+
+
+def test_a_module_mixing_adapter_kinds_is_refused():
     tensors = {"lora_unet_down_blocks_0_2_attention_attn_out_proj.lora_down.weight": torch.zeros(2, 32),
                "lora_unet_down_blocks_0_2_attention_attn_out_proj.lora_up.weight": torch.zeros(32, 2),
-               f"lora_unet_down_blocks_0_2_attention_attn_out_proj.{suffix}": torch.zeros(32, 1)}
-    with pytest.raises(LoraError, match=f"uses {kind}"):
+               "lora_unet_down_blocks_0_2_attention_attn_out_proj.hada_w1_a": torch.zeros(32, 1)}
+    with pytest.raises(LoraError, match="mixes LoRA and LoHa tensors"):
         parse_lora(tensors)
 
 

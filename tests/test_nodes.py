@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
 from nodes.host import NodeError
 from wuerstchen import lora as lora_lib
-from wuerstchen import pipeline
+from wuerstchen import control, pipeline
 from wuerstchen import tiny
 from wuerstchen.management import ModelManager
 
@@ -345,6 +345,41 @@ def test_controlnet_inputs_are_checked(models):
     with pytest.raises(NodeError, match="needs the semantic compressor"):
         run("WuerstchenControlNetApply", controlnet=super_res, **common)
     canny = load("WuerstchenControlNetLoader", "controlnet/canny.safetensors")
-    with pytest.raises(NodeError, match=r"end_percent \(0.2\) is before start_percent \(0.5\)"):
+    with pytest.raises(NodeError, match=r"WuerstchenControlNetApply: ControlNet end \(0.2\) is before start \(0.5\)"):
         run("WuerstchenControlNetApply", controlnet=canny, image=image, strength=1.0, start_percent=0.5,
             end_percent=0.2)
+
+
+# ------------------------------------------------------------------------------------------------
+# ControlNet on the sampling clock
+
+
+def test_controlnet_range_is_a_fraction_of_the_steps(models, basics):
+    """end_percent 0.5 of 20 steps at shift 2 = exactly the first 10 Stage C calls get the hint
+    (on the noise level 1 - r it used to be 15)."""
+    canny = load("WuerstchenControlNetLoader", "controlnet/canny.safetensors")
+    hint = run("WuerstchenControlNetApply", controlnet=canny, image=example_image(), strength=1.0, start_percent=0.0,
+               end_percent=0.5)[0]
+    seen = []
+    stage_c = basics["stage_c"]
+    handle = stage_c.module.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("cnet") is not None),
+                                                      with_kwargs=True)
+    try:
+        run("WuerstchenStageCSampler", stage_c=stage_c, positive=basics["positive"], negative=basics["negative"],
+            latent=basics["latent_c"], seed=1, steps=20, cfg=4.0, shift=2.0, sampler="ddpm", denoise=1.0,
+            cfg_rho=0.7, control=hint)
+    finally:
+        handle.remove()
+    assert seen == [True] * 10 + [False] * 10
+
+
+def test_canny_apply_takes_edge_images_as_they_are_and_pictures_through_the_official_filter(models):
+    canny = load("WuerstchenControlNetLoader", "controlnet/canny.safetensors")
+    common = dict(controlnet=canny, strength=1.0, start_percent=0.0, end_percent=1.0)
+    edges = torch.zeros(1, 96, 128, 3)
+    edges[:, 30, 10:100] = 1.0  # what ComfyUI's Canny node outputs: 0/1, three equal channels
+    hint = run("WuerstchenControlNetApply", image=edges, **common)[0]
+    assert torch.equal(hint.control_input, edges[..., :1].permute(0, 3, 1, 2))
+    picture = example_image()
+    hint = run("WuerstchenControlNetApply", image=picture, **common)[0]
+    assert torch.equal(hint.control_input, control.canny_edges(picture.permute(0, 3, 1, 2)))

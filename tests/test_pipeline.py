@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from wuerstchen import cli, pipeline
+from wuerstchen import pipeline
 from wuerstchen.cascade import Cascade, CascadeFiles, MissingWeightsError, scan_models
 from wuerstchen.management import ModelManager
 from wuerstchen.pipeline import StageBSettings, StageCSettings
@@ -160,41 +160,6 @@ def test_manager_offloads_the_previous_stage(tiny_dir, monkeypatch):
         assert placed[id(c.module)].type == "cpu"
     assert [m.kind for m in mgr.resident()] == ["stage_b"]
     assert freed and freed[0] > 0
-
-
-def test_cli_generate_and_missing(tiny_dir, tmp_path, capsys):
-    out = tmp_path / "img.png"
-    rc = cli.main(["generate", "--prompt", "a cat", "--models", str(tiny_dir), "--out", str(out), "--width", "64",
-                   "--height", "64", "--c-steps", "2", "--b-steps", "2", "--seed", "7"])
-    assert rc == 0 and out.exists()
-    from PIL import Image
-
-    assert Image.open(out).size == (64, 64)
-    rc = cli.main(["generate", "--prompt", "a cat", "--models", str(tmp_path / "nothing"), "--out", str(out)])
-    assert rc == 2
-    assert "Missing model weights" in capsys.readouterr().err
-
-
-def test_cli_img2img_variation_and_samplers(tiny_dir, tmp_path):
-    src = tmp_path / "src.png"
-    from PIL import Image
-
-    Image.new("RGB", (80, 64), (200, 30, 30)).save(src)
-    for extra in (["--image", str(src), "--denoise", "0.5"], ["--image", str(src), "--variation"],
-                  ["--sampler", "dpmpp_2m", "--b-sampler", "euler_ancestral", "--batch", "2"]):
-        out = tmp_path / "o.png"
-        rc = cli.main(["generate", "--prompt", "a cat", "--models", str(tiny_dir), "--out", str(out), "--width", "64",
-                       "--height", "64", "--c-steps", "2", "--b-steps", "1"] + extra)
-        assert rc == 0
-
-
-def test_cli_tiny_models_writes_every_official_name(tmp_path):
-    assert cli.main(["tiny-models", str(tmp_path)]) == 0
-    for name in ("stage_a", "stage_b", "stage_b_bf16", "stage_b_lite", "stage_b_lite_bf16", "stage_c", "stage_c_bf16",
-                 "stage_c_lite", "stage_c_lite_bf16", "effnet_encoder", "previewer", "text_encoder/model",
-                 "image_encoder/model", "controlnet/canny", "controlnet/inpainting", "controlnet/super_resolution",
-                 "stable_cascade_stage_c", "stable_cascade_stage_b", "wuerstchen_tiny_lora"):
-        assert (tmp_path / f"{name}.safetensors").exists(), name
 
 
 def test_manager_offloads_right_after_running_in_low_vram_mode(tiny_dir, monkeypatch):

@@ -20,7 +20,8 @@ from PIL import Image
 from nodes import NODE_CLASS_MAPPINGS, host
 from wuerstchen.management import ModelManager
 from wuerstchen.tiny import write_tiny_models
-from workflow_runner import WorkflowError, WorkflowRunner, core_nodes, load_workflow, widget_slots
+from tools.editor_rules import read_widgets, widget_slots
+from workflow_runner import WorkflowError, WorkflowRunner, core_nodes, load_workflow
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO / "workflows"
@@ -64,7 +65,7 @@ def widgets_of(wf, node_type, title=None):
     found = [n for n in wf["nodes"] if n["type"] == node_type and (title is None or n.get("title") == title)]
     assert len(found) == 1, f"expected one {node_type} {title or ''}, found {len(found)}"
     slots = widget_slots(NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES())
-    return {s.name or s.editor_only: v for s, v in zip(slots, found[0]["widgets_values"])}
+    return {s.label: v for s, v in zip(slots, found[0]["widgets_values"])}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,8 +332,12 @@ def test_a_linked_widget_keeps_its_slot_and_the_link_wins(env, tmp_path):
                         "outputs": [{"name": "INT", "type": "INT", "links": [link_id], "slot_index": 0}]})
     latent["inputs"].append({"name": "width", "type": "INT", "widget": {"name": "width"}, "link": link_id})
     wf["links"].append([link_id, source_id, 0, latent["id"], len(latent["inputs"]) - 1, "INT"])
+    latent_inputs = NODE_CLASS_MAPPINGS["WuerstchenEmptyLatent"].INPUT_TYPES()
+    values, problems = read_widgets(latent_inputs, latent["widgets_values"])
+    assert values["width"] == 1024 and not problems  # still stored in its slot: the other slots keep theirs
     plan = {n.type: n for n in runner.plan(wf, "linked.json")}
-    assert plan["WuerstchenEmptyLatent"].widget_values["width"] == 1024  # still read from its slot
+    assert "width" not in plan["WuerstchenEmptyLatent"].widget_values  # the link replaces it
     assert plan["WuerstchenEmptyLatent"].linked["width"] == (source_id, 0)
+    assert plan["WuerstchenEmptyLatent"].widget_values["height"] == 1024
     result = runner.run(wf, "linked.json", overrides={"WuerstchenEmptyLatent.height": 256, "steps": 1})
     assert result.outputs[latent["id"]][0]["samples"].shape[-2:] == (6, 8)  # 256 x 320 at compression 42.67

@@ -4,12 +4,10 @@ Why: the example workflows are what users drag onto the canvas first. This runne
 way ComfyUI would read them (node types, widget values in INPUT_TYPES order, socket types) and then
 executes the graph on real node classes, so a workflow that drifts from the nodes fails a test.
 
-Widget mapping, as the editor stores it: ``widgets_values`` holds one value per widget input, in
-INPUT_TYPES order (required, then optional); a widget input keeps its value there even when a link
-feeds it (the link wins at run time). Two editor-only values follow some widgets and are skipped:
-the ``control_after_generate`` choice after seed-like INT widgets (declared with
-``control_after_generate``, or named seed / noise_seed), and the upload button's value after an
-``image_upload`` combo (LoadImage). Socket inputs (models, images, ...) never appear there.
+The editor's rules (which inputs are widgets, the editor-only values stored after seed widgets and
+image uploads, linked widgets, editor-only and muted nodes, what is sent) come from
+``tools/editor_rules.py``, the module the workflow generator uses too, which is checked against
+files the real editor saved (tests/test_editor_rules.py).
 
 The ComfyUI core nodes the examples use have small stand-ins here (LoadImage, SaveImage,
 PreviewImage, Canny) with ComfyUI's inputs, outputs and widget order.
@@ -19,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -27,11 +26,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
-SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-EDITOR_ONLY_NODES = ("Note", "MarkdownNote")  # text boxes the editor never sends for execution
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # tools/ is imported from the repository root
+    sys.path.insert(0, str(REPO))
+
+from tools import comfy_core_nodes as core  # noqa: E402
+from tools.editor_rules import (  # noqa: E402
+    EDITOR_ONLY_NODES, MODE_ALWAYS, MODE_MUTED, WidgetSlot, choices, is_widget, link_table, node_label, options,
+    sent_inputs, widget_slots,
+)
+
+__all__ = ["WorkflowError", "WorkflowRunner", "core_nodes", "load_workflow", "value_problem", "runtime_value_problem",
+           "canny_edges", "is_widget", "widget_slots", "WidgetSlot"]  # the last three: from tools/editor_rules.py
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-MODE_ALWAYS, MODE_MUTED, MODE_BYPASS = 0, 2, 4
 
 
 class WorkflowError(ValueError):
@@ -47,14 +55,14 @@ def core_nodes(input_dir: Path, output_dir: Path) -> Dict[str, type]:
     input_dir, output_dir = Path(input_dir), Path(output_dir)
 
     class LoadImage:
-        RETURN_TYPES = ("IMAGE", "MASK")
+        RETURN_TYPES = tuple(kind for _name, kind in core.outputs("LoadImage"))
         FUNCTION = "load_image"
         CATEGORY = "image"
 
         @classmethod
         def INPUT_TYPES(cls):
-            files = sorted(p.name for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            return {"required": {"image": (files, {"image_upload": True})}}
+            files = [p.name for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+            return core.input_types("LoadImage", files)
 
         def load_image(self, image):
             from PIL import Image, ImageOps
@@ -69,15 +77,15 @@ def core_nodes(input_dir: Path, output_dir: Path) -> Dict[str, type]:
             return (rgb, mask[None])
 
     class SaveImage:
-        RETURN_TYPES = ()
+        RETURN_TYPES = tuple(kind for _name, kind in core.outputs("SaveImage"))
         FUNCTION = "save_images"
-        OUTPUT_NODE = True
+        OUTPUT_NODE = core.is_output_node("SaveImage")
         CATEGORY = "image"
         SUBFOLDER = ""
 
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}
+            return core.input_types("SaveImage")
 
         def save_images(self, images, filename_prefix="ComfyUI"):
             from PIL import Image
@@ -103,24 +111,19 @@ def core_nodes(input_dir: Path, output_dir: Path) -> Dict[str, type]:
 
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"images": ("IMAGE", {})}}
+            return core.input_types("PreviewImage")
 
         def save_images(self, images, filename_prefix="preview"):
             return super().save_images(images, "preview")
 
     class Canny:
-        RETURN_TYPES = ("IMAGE",)
+        RETURN_TYPES = tuple(kind for _name, kind in core.outputs("Canny"))
         FUNCTION = "detect_edge"
         CATEGORY = "image/preprocessors"
 
         @classmethod
         def INPUT_TYPES(cls):
-            threshold = {"min": 0.01, "max": 0.99, "step": 0.01}
-            return {"required": {
-                "image": ("IMAGE", {}),
-                "low_threshold": ("FLOAT", dict(threshold, default=0.4)),
-                "high_threshold": ("FLOAT", dict(threshold, default=0.8)),
-            }}
+            return core.input_types("Canny")
 
         def detect_edge(self, image, low_threshold, high_threshold):
             edges = canny_edges(image.movedim(-1, 1), low_threshold, high_threshold)
@@ -175,47 +178,12 @@ def load_workflow(path: Path) -> dict:
     return data
 
 
-def is_widget(spec: Sequence) -> bool:
-    kind, opts = spec[0], _options(spec)
-    if opts.get("forceInput"):
-        return False
-    return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
-
-
-def _options(spec: Sequence) -> dict:
-    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-
-
-@dataclass(frozen=True)
-class WidgetSlot:
-    """One entry of widgets_values: an input's value, or an editor-only value (``name`` None)."""
-
-    name: Optional[str]
-    spec: Optional[Sequence]
-    editor_only: str = ""  # "control_after_generate" or "upload"
-
-
-def widget_slots(input_types: dict) -> List[WidgetSlot]:
-    slots: List[WidgetSlot] = []
-    for section in ("required", "optional"):
-        for name, spec in input_types.get(section, {}).items():
-            if not is_widget(spec):
-                continue
-            slots.append(WidgetSlot(name, spec))
-            kind, opts = spec[0], _options(spec)
-            if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
-                slots.append(WidgetSlot(None, None, "control_after_generate"))
-            elif isinstance(kind, (list, tuple)) and opts.get("image_upload"):
-                slots.append(WidgetSlot(None, None, "upload"))
-    return slots
-
-
 def value_problem(name: str, spec: Sequence, value: Any) -> Optional[str]:
     """Why ``value`` does not fit the input ``spec``, or None."""
-    kind, opts = spec[0], _options(spec)
-    if isinstance(kind, (list, tuple)):
-        if value not in kind:
-            shown = ", ".join(map(repr, list(kind)[:8])) + (", ..." if len(kind) > 8 else "")
+    kind, opts, listed = spec[0], options(spec), choices(spec)
+    if listed is not None:
+        if value not in listed:
+            shown = ", ".join(map(repr, listed[:8])) + (", ..." if len(listed) > 8 else "")
             return f"widget {name!r} = {value!r} is not one of the choices ({shown})"
         return None
     if kind == "INT":
@@ -282,60 +250,49 @@ class WorkflowRunner:
         """
         problems: List[str] = []
         nodes = {int(n["id"]): n for n in workflow["nodes"]}
+        links = link_table(workflow)
         planned: Dict[int, PlannedNode] = {}
-        links = {}
-        for link in workflow["links"]:
-            link_id, src, src_slot, dst, dst_slot, kind = link[:6]
-            links[int(link_id)] = (int(src), int(src_slot), int(dst), int(dst_slot), kind)
-
-        def where(node) -> str:
-            title = f" '{node['title']}'" if node.get("title") else ""
-            return f"{name}: node {node['id']} ({node.get('type')}{title})"
-
         for node_id, node in nodes.items():
             node_type = node.get("type")
-            if node_type in EDITOR_ONLY_NODES:
-                continue
-            mode = node.get("mode", MODE_ALWAYS)
-            if mode == MODE_BYPASS:
-                problems.append(f"{where(node)}: bypassed nodes are not supported by this runner")
-                continue
-            if mode == MODE_MUTED:
-                continue
+            if node_type in EDITOR_ONLY_NODES or node.get("mode", MODE_ALWAYS) == MODE_MUTED:
+                continue  # never sent by the editor
+            label = node_label(node, name)
             cls = self.node_classes.get(node_type)
             if cls is None:
-                problems.append(f"{where(node)}: unknown node type {node_type!r}; it is neither one of this pack's "
+                problems.append(f"{label}: unknown node type {node_type!r}; it is neither one of this pack's "
                                 "nodes nor a ComfyUI core node the runner knows")
                 continue
             input_types = cls.INPUT_TYPES()
             declared = {**input_types.get("required", {}), **input_types.get("optional", {})}
-            values = self._map_widgets(node, input_types, overrides, where(node), problems)
+            link_types = self._check_saved_inputs(node, declared, links, label, problems)
+            sent, sent_problems = sent_inputs(node, input_types, nodes, links)
+            problems += [f"{label}: {p}" for p in sent_problems]
+            values: Dict[str, Any] = {}
             linked: Dict[str, Tuple[int, int]] = {}
-            for slot, inp in enumerate(node.get("inputs") or []):
-                spec = declared.get(inp["name"])
+            for input_name, value in sent.items():
+                spec = declared.get(input_name)
                 if spec is None:
-                    problems.append(f"{where(node)}: input {inp['name']!r} does not exist on {node_type} "
-                                    f"(inputs: {', '.join(declared)})")
+                    continue  # reported by _check_saved_inputs
+                if isinstance(value, list):  # [source id, output slot]
+                    linked[input_name] = (int(value[0]), int(value[1]))
+                    problem = self._link_problem(nodes, int(value[0]), int(value[1]),
+                                                 link_types.get(input_name, "*"), spec)
+                    if problem:
+                        problems.append(f"{label}: input {input_name!r} {problem}")
                     continue
-                link_id = inp.get("link")
-                if link_id is None:
-                    continue
-                if int(link_id) not in links:
-                    problems.append(f"{where(node)}: input {inp['name']!r} refers to link {link_id}, which is not in "
-                                    "'links'")
-                    continue
-                src, src_slot, dst, dst_slot, kind = links[int(link_id)]
-                if (dst, dst_slot) != (node_id, slot):
-                    problems.append(f"{where(node)}: link {link_id} ends at node {dst} slot {dst_slot}, not here")
-                    continue
-                linked[inp["name"]] = (src, src_slot)
-                problem = self._link_problem(nodes, src, src_slot, kind, spec)
+                for key in (input_name, f"{node_type}.{input_name}"):
+                    if overrides and key in overrides:
+                        value = overrides[key]
+                problem = value_problem(input_name, spec, value)
                 if problem:
-                    problems.append(f"{where(node)}: input {inp['name']!r} {problem}")
-            for input_name, spec in input_types.get("required", {}).items():
-                if not is_widget(spec) and input_name not in linked:
-                    problems.append(f"{where(node)}: required input {input_name!r} ({spec[0]}) is not connected")
-            planned[node_id] = PlannedNode(node_id, node_type, where(node), cls, values, linked)
+                    problems.append(f"{label}: {problem}")
+                values[input_name] = value
+            if not sent_problems:
+                for input_name, spec in input_types.get("required", {}).items():
+                    if input_name not in sent:
+                        what = "has no value" if is_widget(spec) else "is not connected"
+                        problems.append(f"{label}: required input {input_name!r} ({spec[0]}) {what}")
+            planned[node_id] = PlannedNode(node_id, node_type, label, cls, values, linked)
         for link_id, (src, _s, dst, _d, _k) in links.items():
             for end in (src, dst):
                 if end not in nodes:
@@ -345,30 +302,27 @@ class WorkflowRunner:
             raise WorkflowError("\n".join(problems))
         return [planned[i] for i in order]
 
-    def _map_widgets(self, node, input_types, overrides, label, problems):
-        values: Dict[str, Any] = {}
-        slots = widget_slots(input_types)
-        stored = list(node.get("widgets_values") or [])
-        if len(stored) != len(slots):
-            expected = [s.name or s.editor_only for s in slots]
-            problems.append(f"{label}: {len(stored)} widget values for {len(slots)} widgets "
-                            f"({', '.join(expected) or 'none'}); the file does not match this node's inputs")
-            return values
-        for slot, value in zip(slots, stored):
-            if slot.editor_only == "control_after_generate":
-                if value not in SEED_CONTROL_VALUES:
-                    problems.append(f"{label}: control_after_generate = {value!r} is not one of {SEED_CONTROL_VALUES}")
+    @staticmethod
+    def _check_saved_inputs(node, declared, links, label, problems) -> Dict[str, Any]:
+        """The saved sockets exist on the node and their links end here; {input name: link type}."""
+        link_types: Dict[str, Any] = {}
+        for slot, inp in enumerate(node.get("inputs") or []):
+            if inp["name"] not in declared:
+                problems.append(f"{label}: input {inp['name']!r} does not exist on {node.get('type')} "
+                                f"(inputs: {', '.join(declared)})")
                 continue
-            if slot.editor_only:
+            link_id = inp.get("link")
+            if link_id is None:
                 continue
-            for key in (slot.name, f"{node['type']}.{slot.name}"):
-                if overrides and key in overrides:
-                    value = overrides[key]
-            problem = value_problem(slot.name, slot.spec, value)
-            if problem:
-                problems.append(f"{label}: {problem}")
-            values[slot.name] = value
-        return values
+            if int(link_id) not in links:
+                problems.append(f"{label}: input {inp['name']!r} refers to link {link_id}, which is not in 'links'")
+                continue
+            _src, _src_slot, dst, dst_slot, kind = links[int(link_id)]
+            if (dst, dst_slot) != (int(node["id"]), slot):
+                problems.append(f"{label}: link {link_id} ends at node {dst} slot {dst_slot}, not here")
+                continue
+            link_types[inp["name"]] = kind
+        return link_types
 
     def _link_problem(self, nodes, src, src_slot, kind, spec) -> Optional[str]:
         source = nodes.get(src)

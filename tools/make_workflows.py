@@ -24,61 +24,21 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+from tools import comfy_core_nodes as core  # noqa: E402
+from tools.editor_rules import input_sockets, layout_widgets, options, widget_slots  # noqa: E402
 
 OUT_DIR = REPO / "workflows"
-EXAMPLE_IMAGE = "example.png"
+EXAMPLE_IMAGE = core.EXAMPLE_IMAGE
 PROMPT = "Cinematic photo of an anthropomorphic penguin sitting in a cafe reading a book and having a coffee"
 SEED = 42
 SEED_CONTROL = "fixed"
-
-# The few ComfyUI core nodes the examples use, as ComfyUI declares them (nodes.py, comfy_extras).
-CORE_NODES = {
-    "LoadImage": {"inputs": {"required": {"image": ([EXAMPLE_IMAGE], {"image_upload": True})}},
-                  "outputs": (("IMAGE", "IMAGE"), ("MASK", "MASK"))},
-    "SaveImage": {"inputs": {"required": {"images": ("IMAGE", {}),
-                                          "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
-                  "outputs": ()},
-    "PreviewImage": {"inputs": {"required": {"images": ("IMAGE", {})}}, "outputs": ()},
-    "Canny": {"inputs": {"required": {
-        "image": ("IMAGE", {}),
-        "low_threshold": ("FLOAT", {"default": 0.4, "min": 0.01, "max": 0.99, "step": 0.01}),
-        "high_threshold": ("FLOAT", {"default": 0.8, "min": 0.01, "max": 0.99, "step": 0.01}),
-    }}, "outputs": (("IMAGE", "IMAGE"),)},
-}
 NOTE = "Note"  # the editor's own text box; not executed
 
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 GAP_X, GAP_Y, TITLE_H, GROUP_HEADER = 70, 40, 30, 46
 SOCKET_H, WIDGET_H = 20, 24  # the editor's row heights
 # Room for what the editor draws below the widgets: the size read-out of web/wuerstchen.js, and the
 # Stage C sampler's live preview while it runs.
 EXTRA_HEIGHT = {"WuerstchenEmptyLatent": 85, "WuerstchenStageBSampler": 85, "WuerstchenStageCSampler": 280}
-
-
-def is_widget(spec) -> bool:
-    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-    if opts.get("forceInput"):
-        return False
-    return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
-
-
-def widget_extras(name: str, spec) -> List:
-    """Values the editor stores right after a widget's own: seed control, upload button."""
-    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-    if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
-        return [SEED_CONTROL]
-    if isinstance(kind, (list, tuple)) and opts.get("image_upload"):
-        return ["image"]
-    return []
-
-
-def default_value(spec):
-    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-    if "default" in opts:
-        return opts["default"]
-    if isinstance(kind, (list, tuple)):
-        return kind[0]
-    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
 
 
 def node_definition(node_type: str):
@@ -87,8 +47,7 @@ def node_definition(node_type: str):
         cls = NODE_CLASS_MAPPINGS[node_type]
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         return cls.INPUT_TYPES(), tuple(zip(names, cls.RETURN_TYPES))
-    core = CORE_NODES[node_type]
-    return core["inputs"], core["outputs"]
+    return core.input_types(node_type), core.outputs(node_type)
 
 
 @dataclass
@@ -137,21 +96,14 @@ class Workflow:
             self.nodes.append(node)
             return node
         input_types, outputs = node_definition(node_type)
-        n_widgets = 0
-        multiline = False
-        for section in ("required", "optional"):
-            for name, spec in input_types.get(section, {}).items():
-                if is_widget(spec):
-                    value = values.pop(name) if name in values else default_value(spec)
-                    node.widgets_values.append(value)
-                    extras = widget_extras(name, spec)
-                    node.widgets_values.extend(extras)
-                    n_widgets += 1 + len(extras)
-                    multiline |= bool(spec[1].get("multiline")) if len(spec) > 1 else False
-                else:
-                    node.inputs.append({"name": name, "type": spec[0], "link": None})
-        if values:
-            raise KeyError(f"{node_type} has no widget(s) {sorted(values)}")
+        try:
+            node.widgets_values = layout_widgets(input_types, values, control=SEED_CONTROL)
+        except KeyError as err:
+            raise KeyError(f"{node_type}: {err.args[0]}") from None
+        node.inputs = [{"name": name, "type": kind, "link": None} for name, kind, _ in input_sockets(input_types)]
+        slots = widget_slots(input_types)
+        n_widgets = len(slots)
+        multiline = any(options(s.spec).get("multiline") for s in slots if not s.editor_only)
         for slot, (name, kind) in enumerate(outputs):
             node.outputs.append({"name": name, "type": kind, "links": [], "slot_index": slot})
         sockets = max(len(node.inputs), len(node.outputs))

@@ -13,11 +13,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import pipeline
+from . import control, pipeline
 from . import kinds as kind_table
 from .checkpoints import LoadedModel, inspect
+from .control import Control
 from .management import ModelManager
-from .pipeline import Conditioning, StageBSettings, StageCSettings
+from .pipeline import Conditioning, LoraUse, StageBSettings, StageCSettings
 from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightFileError
 
 
@@ -61,6 +62,7 @@ def _prefer(entries: List[tuple], variant: Optional[str]) -> tuple:
 @dataclass
 class CascadeFiles:
     parts: Dict[str, tuple] = field(default_factory=dict)  # kind -> (path, detection)
+    controlnets: Dict[str, Path] = field(default_factory=dict)  # ControlNet variant -> file
 
     @classmethod
     def from_dir(cls, root: os.PathLike | str, stage_c_variant: Optional[str] = None,
@@ -70,7 +72,10 @@ class CascadeFiles:
         for kind, entries in found.items():
             variant = {"stage_c": stage_c_variant, "stage_b": stage_b_variant}.get(kind)
             parts[kind] = _prefer(entries, variant)
-        return cls(parts)
+        controlnets: Dict[str, Path] = {}
+        for path, det in sorted(found.get("controlnet", []), key=lambda e: (e[1].prefix != "", str(e[0]))):
+            controlnets.setdefault(det.variant, path)
+        return cls(parts, controlnets)
 
     def require(self, kinds: Sequence[str], root: os.PathLike | str) -> None:
         missing = [k for k in kinds if k not in self.parts]
@@ -99,10 +104,34 @@ class Cascade:
         path, det = self.files.parts[kind]
         return self.manager.load(path, [kind])
 
-    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+    def controlnet_file(self, kind: str) -> Path:
+        """The ControlNet file for ``kind`` (canny, inpainting, super_resolution), found by content."""
+        if kind not in self.files.controlnets:
+            net = kind_table.get("controlnet")
+            names = [f.name for f in net.files if f.variant == kind]
+            raise MissingWeightsError(
+                f"Missing model weights in {self.root}: no {kind} ControlNet. Download "
+                f"{', '.join(names) or kind} from {net.download} and put it anywhere under {self.root}.")
+        return self.files.controlnets[kind]
+
+    def controlnet(self, kind: str) -> LoadedModel:
+        return self.manager.load(self.controlnet_file(kind), ["controlnet"])
+
+    def encode_prompts(self, prompts: Sequence[str], loras: Sequence[LoraUse] = ()) -> Conditioning:
         te = self.model("clip_text")
         with self.manager.running(te):
-            return pipeline.encode_text(te.module, prompts)
+            return pipeline.encode_text(te.module, prompts, loras)
+
+    def control_hints(self, controls: Sequence[Control]) -> List[tuple]:
+        """(ControlNet, prepared hint) per request: the net found by kind, its input made by the recipe."""
+        hints = []
+        for c in controls:
+            net = self.controlnet(c.kind)
+            effnet = self.model("effnet") if c.kind == "super_resolution" else None
+            with self.manager.running(*([effnet] if effnet else [])):
+                inp = control.control_input(c.kind, c.image, c.mask, effnet.module if effnet else None)
+            hints.append((net, control.Hint(net.module, inp, c.strength, c.start, c.end)))
+        return hints
 
     @torch.no_grad()
     def generate(
@@ -119,23 +148,30 @@ class Cascade:
         image: Optional[torch.Tensor] = None,
         image_mode: str = "img2img",
         compression: float = pipeline.OFFICIAL_COMPRESSION,
+        loras: Sequence[LoraUse] = (),
+        controls: Sequence[Control] = (),
         progress: Optional[Callable[[str, int, int], None]] = None,
     ) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1]. ``image`` ([N, 3, H, W] in [0, 1]) is the img2img source
-        (``image_mode='img2img'``, strength = ``stage_c.denoise``) or the variation reference."""
+        (``image_mode='img2img'``, strength = ``stage_c.denoise``) or the variation reference.
+        ``loras`` stack on Stage C (model strength) and on CLIP-G for both prompts (text strength);
+        ``controls`` chain ControlNet hints on Stage C, their step ranges counted in the steps run."""
         pipeline.check_size(height, width)
         needed = ["stage_c", "stage_b", "stage_a", "clip_text"]
         if image is not None:
             needed.append("effnet" if image_mode == "img2img" else "clip_vision")
+        if any(c.kind == "super_resolution" for c in controls):
+            needed.append("effnet")
         self.files.require(needed, self.root)
+        hints = self.control_hints(controls)
 
-        cond = self.encode_prompts([prompt])
-        uncond = self.encode_prompts([negative])
+        cond = self.encode_prompts([prompt], loras)
+        uncond = self.encode_prompts([negative], loras)
         init_latent = None
         if image is not None and image_mode == "variation":
             vis = self.model("clip_vision")
             with self.manager.running(vis):
-                embeds = pipeline.encode_image_embeds(vis.module, image.permute(0, 2, 3, 1))
+                embeds = pipeline.encode_image_embeds(vis.module, image)
             cond = pipeline.with_image_embeds(cond, embeds)
         elif image is not None:
             eff = self.model("effnet")
@@ -155,10 +191,11 @@ class Cascade:
 
             return step
 
-        with self.manager.running(sc):
+        with self.manager.running(sc, *[net for net, _ in hints]):
             latent_c = pipeline.sample_stage_c(
                 sc.module, cond, uncond, shape=(batch, 16, h_c, w_c), init_latent=init_latent,
-                seed=seed, settings=stage_c, callback=report("stage_c"),
+                seed=seed, settings=stage_c, loras=loras, control=[hint for _, hint in hints],
+                callback=report("stage_c"),
             )
         sb = self.model("stage_b")
         with self.manager.running(sb):

@@ -81,6 +81,12 @@ def hf_layer_key_to_param(layer_key: str, width: int) -> tuple[str, slice | None
     raise KeyError(f"unknown encoder layer key: {layer_key!r}")
 
 
+def hf_layer_key_names(index: int) -> list[str]:
+    """Every Hugging Face key of encoder layer ``index`` (what :func:`hf_layer_key_to_param` maps)."""
+    modules = [f"self_attn.{proj}" for proj in _QKV_ORDER] + list(_LAYER_RENAMES)
+    return [f"{index}.{module}.{kind}" for module in modules for kind in ("weight", "bias")]
+
+
 def find_prefix(keys: Iterable[str], anchors: Sequence[str], what: str) -> tuple[str, str]:
     """Locate the tower inside a state dict by its anchor key.
 

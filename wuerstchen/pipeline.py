@@ -4,20 +4,28 @@ Stage C samples a 16-channel semantic latent from text, Stage B samples the 4-ch
 latent conditioned on it, Stage A decodes pixels. Defaults are the official notebook's: 1024²,
 Stage C 20 steps cfg 4 shift 2, Stage B 10 steps cfg 1.1 shift 1, DDPM with cfg_rho 0.7, and the
 last step's x0 as each stage's result. Noise is drawn on a CPU generator so a seed gives the same
-image on every device.
+image on every device. Images are [B, 3, H, W] in [0, 1] throughout.
+
+LoRAs (:class:`LoraUse`) are applied for the duration of a call, on Stage C while it samples and on
+CLIP-G while it encodes prompts, and undone exactly afterwards; ControlNet hints
+(:class:`~wuerstchen.control.Hint`) reach Stage C as its official ``cnet`` input at the steps of
+their range.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import sampling
+from .control import ControlSchedule, Hint
 from .models.effnet import effnet_preprocess
 from .schedule import img2img_steps
 
@@ -25,6 +33,8 @@ OFFICIAL_COMPRESSION = 42.67
 STAGE_B_COMPRESSION = 4
 EFFNET_COMPRESSION = 32
 STAGE_A_SCALE = 0.43
+AUTO_TILE_CELLS = 192 * 192  # Stage B latents larger than this are decoded in tiles by default
+AUTO_TILE = 128
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]
 
@@ -37,6 +47,10 @@ class StageCSettings:
     sampler: str = "ddpm"
     cfg_rho: float = 0.7
     denoise: float = 1.0
+
+    def steps_to_run(self, img2img: bool) -> int:
+        """Steps a run takes: all of them, or int(steps * denoise) for img2img (official)."""
+        return img2img_steps(self.steps, self.denoise) if img2img and self.denoise < 1.0 else self.steps
 
 
 @dataclass
@@ -76,6 +90,54 @@ def _repeat_to(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# LoRAs
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA of a stack: its parsed file, the strength on Stage C and on the CLIP-G text encoder."""
+
+    file: object  # wuerstchen.lora.LoraFile
+    model_strength: float = 1.0
+    text_strength: float = 1.0
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], model_strength: float = 1.0, text_strength: float = 1.0) -> "LoraUse":
+        from .lora import load_lora
+
+        return cls(load_lora(path), float(model_strength), float(text_strength))
+
+
+def _has_part(lora, part: str) -> bool:
+    if part == "stage_c":
+        return bool(lora.stage_c or lora.stage_c_indexed)
+    return bool(lora.text or lora.embeddings)
+
+
+@contextlib.contextmanager
+def _loras_applied(model: nn.Module, loras: Sequence[LoraUse], part: str) -> Iterator[None]:
+    stack = [(use.file, use.model_strength if part == "stage_c" else use.text_strength)
+             for use in loras if _has_part(use.file, part)]
+    if not stack:
+        yield
+        return
+    from .lora import apply_loras
+
+    with apply_loras(model, stack, part=part):
+        yield
+
+
+def stage_c_loras(model: nn.Module, loras: Sequence[LoraUse]):
+    """Stage C patched with the stack's Stage C parts (model strengths) inside the block, then restored."""
+    return _loras_applied(model, loras, "stage_c")
+
+
+def text_loras(text_encoder: nn.Module, loras: Sequence[LoraUse]):
+    """CLIP-G patched with the stack's text parts and learned tokens (text strengths), then restored."""
+    return _loras_applied(text_encoder, loras, "text")
+
+
+# --------------------------------------------------------------------------------------------
 # Sizes
 
 
@@ -93,6 +155,15 @@ def output_size_from_stage_c(latent_h: int, latent_w: int, compression: float = 
     return (int(latent_h * compression) // 4) * 4, (int(latent_w * compression) // 4) * 4
 
 
+def output_size(latent_size: Tuple[int, int], made_for: Optional[Tuple[int, int]] = None,
+                compression: float = OFFICIAL_COMPRESSION) -> Tuple[int, int]:
+    """(H, W) a Stage C latent of ``latent_size`` cells stands for: the size it was made for, if it
+    still fits the latent, else the size its cells cover at ``compression``."""
+    if made_for is not None and stage_c_latent_size(made_for[0], made_for[1], compression) == tuple(latent_size):
+        return int(made_for[0]), int(made_for[1])
+    return output_size_from_stage_c(latent_size[0], latent_size[1], compression)
+
+
 def check_size(height: int, width: int, where: str = "size") -> None:
     if height < 64 or width < 64:
         raise ValueError(f"{where}: {width}x{height} is too small; use at least 64 pixels per side (1024x1024 is what the models were trained for)")
@@ -104,19 +175,36 @@ def check_size(height: int, width: int, where: str = "size") -> None:
 # Text and image conditioning
 
 
-def encode_text(text_encoder: nn.Module, prompts: Sequence[str]) -> Conditioning:
-    """Official CLIP-G conditioning: hidden state before the final LayerNorm, and the pooled token."""
-    clip_text, clip_text_pooled = text_encoder.encode_prompts(list(prompts))
+@torch.no_grad()
+def encode_text(text_encoder: nn.Module, prompts: Sequence[str], loras: Sequence[LoraUse] = ()) -> Conditioning:
+    """Official CLIP-G conditioning: hidden state before the final LayerNorm, and the pooled token.
+    ``loras`` patch the encoder (text strengths, learned tokens) while it encodes."""
+    with text_loras(text_encoder, loras):
+        clip_text, clip_text_pooled = text_encoder.encode_prompts(list(prompts))
     return Conditioning(clip_text.float().cpu(), clip_text_pooled.float().cpu())
 
 
+@torch.no_grad()
 def encode_image_embeds(vision_encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """ViT-L/14 ``image_embeds`` [B, 768] of IMAGE-layout images [B, H, W, 3] in [0, 1]."""
+    """ViT-L/14 ``image_embeds`` [B, 768] of images [B, 3, H, W] in [0, 1] (official preprocessing)."""
     from . import preprocess
 
     param = _model_param(vision_encoder)
-    pixels = preprocess.clip_preprocess_official(images).to(param.device, param.dtype)
+    channels_last = images.float().permute(0, 2, 3, 1)  # clip_preprocess reads pictures channels-last
+    pixels = preprocess.clip_preprocess_official(channels_last).to(param.device, param.dtype)
     return vision_encoder.encode(pixels).float().cpu()
+
+
+def _check_conditioning(stage_c: nn.Module, cond: Conditioning) -> None:
+    """Refuse conditioning whose widths do not fit Stage C (made by another text or image encoder)."""
+    text, pooled = stage_c.clip_txt_mapper.in_features, stage_c.clip_txt_pooled_mapper.in_features
+    if cond.clip_text.shape[-1] != text or cond.clip_text_pooled.shape[-1] != pooled:
+        raise ValueError(f"the conditioning has width {cond.clip_text.shape[-1]} but this Stage C expects {text}: "
+                         "encode the prompt with the CLIP-G (ViT-bigG) text encoder")
+    image = stage_c.clip_img_mapper.in_features
+    if cond.clip_img is not None and cond.clip_img.shape[-1] != image:
+        raise ValueError(f"image tokens are {cond.clip_img.shape[-1]} wide, this Stage C expects {image} "
+                         "(the ViT-L/14 image encoder)")
 
 
 def with_image_embeds(cond: Conditioning, embeds: torch.Tensor, strengths: Optional[Sequence[float]] = None) -> Conditioning:
@@ -151,10 +239,17 @@ def sample_stage_c(
     init_latent: Optional[torch.Tensor] = None,
     seed: int = 0,
     settings: StageCSettings = StageCSettings(),
-    cnet: Optional[List[Optional[torch.Tensor]]] = None,
+    loras: Sequence[LoraUse] = (),
+    control: Sequence[Hint] = (),
     callback: Optional[ProgressFn] = None,
 ) -> torch.Tensor:
-    """Sample a Stage C latent. ``init_latent`` with ``settings.denoise`` < 1 is the official img2img."""
+    """Sample a Stage C latent. ``init_latent`` with ``settings.denoise`` < 1 is the official img2img.
+
+    ``loras`` patch Stage C for this call only. Each ControlNet hint in ``control`` runs once and its
+    maps reach Stage C as ``cnet`` at the steps of its range, counted in the steps this run takes.
+    """
+    for side in (cond, uncond):
+        _check_conditioning(model, side)
     device = _model_param(model).device
     generator = cpu_generator(seed)
     c_clip_img = model.clip_img_mapper.in_features
@@ -172,14 +267,15 @@ def sample_stage_c(
     cond_in = cond.stage_c_inputs(batch, c_clip_img)
     uncond_in = uncond.stage_c_inputs(batch, c_clip_img)
     _match_token_counts(cond_in, uncond_in)
-    if cnet is not None:
-        cond_in["cnet"] = cnet
-        uncond_in["cnet"] = cnet
-    x0 = sampling.sample(
-        model, x_init.to(device), _to(cond_in, device), _to(uncond_in, device), steps=steps, cfg=settings.cfg,
-        shift=settings.shift, cfg_rho=settings.cfg_rho, t_start=t_start, sampler=settings.sampler,
-        generator=generator, callback=callback,
-    )
+    cond_in, uncond_in = _to(cond_in, device), _to(uncond_in, device)
+    if control:
+        cond_in["cnet"] = ControlSchedule(control, batch)  # shared by both CFG halves, as officially
+    with stage_c_loras(model, loras):
+        x0 = sampling.sample(
+            model, x_init.to(device), cond_in, uncond_in, steps=steps, cfg=settings.cfg, shift=settings.shift,
+            cfg_rho=settings.cfg_rho, t_start=t_start, sampler=settings.sampler, generator=generator,
+            callback=callback,
+        )
     return x0.float().cpu()
 
 
@@ -210,16 +306,8 @@ def repeat_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.repeat(1, reps, 1)[:, :n]
 
 
-def _to(inputs: Dict, device: torch.device) -> Dict:
-    out = {}
-    for k, v in inputs.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(device)
-        elif isinstance(v, list):
-            out[k] = [None if t is None else t.to(device) for t in v]
-        else:
-            out[k] = v
-    return out
+def _to(inputs: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def sample_stage_b(
@@ -234,6 +322,10 @@ def sample_stage_b(
     callback: Optional[ProgressFn] = None,
 ) -> torch.Tensor:
     """Sample the Stage B latent [B, 4, H/4, W/4] (official scale) for output ``size`` (H, W)."""
+    width = model.clip_mapper.in_features
+    for p in (pooled, pooled_uncond):
+        if p.shape[-1] != width:
+            raise ValueError(f"pooled text embedding is {p.shape[-1]} wide, Stage B expects {width}")
     device = _model_param(model).device
     batch = stage_c_latent.shape[0]
     h, w = stage_b_latent_size(*size)
@@ -263,17 +355,25 @@ def _tiles(size: int, tile: int, overlap: int) -> List[int]:
     return sorted(set(starts))
 
 
+def auto_tile(height: int, width: int) -> int:
+    """Tile size for decoding a Stage B latent of this size: none up to 192x192 cells (768² pixels)."""
+    return AUTO_TILE if height * width > AUTO_TILE_CELLS else 0
+
+
 @torch.no_grad()
-def decode_stage_a(stage_a: nn.Module, latent: torch.Tensor, tile: int = 0, overlap: int = 16,
+def decode_stage_a(stage_a: nn.Module, latent: torch.Tensor, tile: Optional[int] = 0, overlap: int = 16,
                    callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """VQGAN-decode an official-scale Stage B latent to images [B, 3, H, W] in [0, 1].
 
     ``tile`` > 0 decodes latent tiles of that size with ``overlap`` and blends them linearly,
-    so memory stays bounded for large images (the decoder's receptive field is small).
+    so memory stays bounded for large images (the decoder's receptive field is small); None picks
+    :func:`auto_tile`, 0 decodes in one piece.
     """
     param = _model_param(stage_a)
     x = latent.to(param.device, param.dtype)
     b, _, h, w = x.shape
+    if tile is None:
+        tile = auto_tile(h, w)
     if tile <= 0 or (h <= tile and w <= tile):
         out = stage_a.decode(x).float().clamp(0, 1).cpu()
         if callback:
@@ -318,9 +418,15 @@ def _blend_mask(h: int, w: int, ramp: int, *, top: bool, left: bool, bottom: boo
 
 @torch.no_grad()
 def encode_stage_a(stage_a: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1] -> official-scale Stage B latent (unquantized, as the official pipeline)."""
+    """Images [B, 3, H, W] in [0, 1] -> official-scale Stage B latent (unquantized, as the official
+    pipeline). Sizes are cropped to a multiple of 4, the VQGAN's compression."""
+    h, w = (images.shape[-2] // STAGE_B_COMPRESSION) * STAGE_B_COMPRESSION, (images.shape[-1] // STAGE_B_COMPRESSION) * STAGE_B_COMPRESSION
+    if h == 0 or w == 0:
+        raise ValueError(f"image of {images.shape[-1]}x{images.shape[-2]} is too small for Stage A; it needs at "
+                         f"least {STAGE_B_COMPRESSION} pixels per side")
     param = _model_param(stage_a)
-    return stage_a.encode(images.to(param.device, param.dtype), quantize=False)[0].float().cpu()
+    x = images[:, :, :h, :w].to(param.device, param.dtype)
+    return stage_a.encode(x, quantize=False)[0].float().cpu()
 
 
 def semantic_input(images: torch.Tensor, latent_size: Tuple[int, int]) -> torch.Tensor:
@@ -351,6 +457,15 @@ def preview_stage_c(previewer: nn.Module, latent: torch.Tensor) -> torch.Tensor:
     return previewer(latent.to(param.device, param.dtype)).float().clamp(0, 1).cpu()
 
 
+@torch.no_grad()
+def preview_x0(x0: torch.Tensor, previewer: Optional[nn.Module] = None) -> torch.Tensor:
+    """Live preview [1, 3, 8h, 8w] in [0, 1] of the first latent of a sampling step's x0: the
+    previewer model when given, else :func:`latent_rgb_preview` (nearest-upscaled to match)."""
+    if previewer is not None:
+        return preview_stage_c(previewer, x0[:1])
+    return F.interpolate(latent_rgb_preview(x0[:1].float().cpu()), scale_factor=8, mode="nearest")
+
+
 def latent_rgb_preview(latent: torch.Tensor) -> torch.Tensor:
     """A model-free preview of a latent when no previewer is loaded: three fixed channel mixes,
     normalised per image. Crude, but it shows composition while Stage C runs."""
@@ -362,19 +477,3 @@ def latent_rgb_preview(latent: torch.Tensor) -> torch.Tensor:
     lo = rgb.amin(dim=(1, 2, 3), keepdim=True)
     hi = rgb.amax(dim=(1, 2, 3), keepdim=True)
     return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-
-
-def to_image_layout(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] -> ComfyUI IMAGE [B, H, W, 3]."""
-    return images.permute(0, 2, 3, 1).contiguous()
-
-
-def from_image_layout(images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE [B, H, W, C] -> [B, 3, H, W] (alpha dropped, grey expanded)."""
-    x = images.float()
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    x = x[..., :3]
-    if x.shape[-1] == 1:
-        x = x.expand(*x.shape[:-1], 3)
-    return x.permute(0, 3, 1, 2).contiguous()

@@ -6,6 +6,10 @@ epsilon target, and the same random draws in the same order, so with the same CP
 the official trajectory. The other samplers reuse the schedule and guidance and differ only in the
 update rule.
 
+:func:`sample_v2` is Würstchen v2's sampler (diffusers' ``DDPMWuerstchenScheduler`` loop): its
+own update rule on the ᾱ schedule of :mod:`wuerstchen.schedule_v2`, plain lerp guidance, and the
+last x as the result.
+
 Conventions shared by every sampler:
 
 * x is kept in float32; the model output is cast to float32 before any arithmetic.
@@ -26,6 +30,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .schedule import CosineSchedule, StepSchedule, step_schedule, vp_scalers
+from .schedule_v2 import alpha_cumprod, check_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde")
 """Sampler names accepted by :func:`sample`; ``ddpm`` is the official one."""
@@ -36,6 +41,19 @@ CFG_STD_EPS = 1e-9
 
 class SamplingInterrupted(Exception):
     """Raise this from a sampling callback to stop sampling; it propagates out of :func:`sample`."""
+
+
+class StepInput:
+    """A model input whose value depends on the step, e.g. ControlNet maps used for part of a run.
+
+    Put one in ``cond``/``uncond`` like any other input: before each model call the loop asks it
+    for ``at(step, steps)``, with the 0-based step index and the number of steps this run takes
+    (for img2img, the steps actually run), and uses the value it returns. Return the *same*
+    object for steps that share a value: the loop then reuses its batched copy.
+    """
+
+    def at(self, step: int, steps: int) -> Any:
+        raise NotImplementedError
 
 
 Callback = Callable[[int, int, torch.Tensor], None]
@@ -140,12 +158,49 @@ class _GuidedModel:
     cfg: float
     cfg_rho: float
 
-    def __call__(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, r: torch.Tensor, step_inputs: Mapping[str, Any] | None = None) -> torch.Tensor:
+        step_inputs = step_inputs or {}
         if self.batched_inputs is None:
-            return self.model(x, r, **self.cond_inputs).float()
-        out = self.model(torch.cat([x, x], dim=0), r.repeat(2), **self.batched_inputs).float()
+            return self.model(x, r, **self.cond_inputs, **step_inputs).float()
+        out = self.model(torch.cat([x, x], dim=0), r.repeat(2), **self.batched_inputs, **step_inputs).float()
         eps_cond, eps_uncond = out.chunk(2)
         return guide(eps_cond, eps_uncond, self.cfg, self.cfg_rho)
+
+
+class _StepInputs:
+    """The :class:`StepInput` values of cond/uncond, resolved and batched for one step."""
+
+    def __init__(self, cond: Mapping[str, Any], uncond: Mapping[str, Any] | None, batch: int,
+                 device: torch.device, paired: bool):
+        uncond = uncond or {}
+        keys = [k for k in list(cond) + [k for k in uncond if k not in cond]
+                if isinstance(cond.get(k), StepInput) or isinstance(uncond.get(k), StepInput)]
+        self.items = [(k, cond.get(k, uncond.get(k)), uncond.get(k, cond.get(k))) for k in keys]
+        self.batch, self.device, self.paired = batch, device, paired
+        self._last: dict[str, tuple] = {}
+
+    def at(self, step: int, steps: int) -> dict[str, Any]:
+        out = {}
+        for key, c, u in self.items:
+            vc = c.at(step, steps) if isinstance(c, StepInput) else c
+            vu = vc if u is c else (u.at(step, steps) if isinstance(u, StepInput) else u)
+            last = self._last.get(key)
+            if last is not None and last[0] is vc and last[1] is vu:
+                out[key] = last[2]
+                continue
+            if self.paired:
+                value = _pair_inputs(key, vc, vu, self.batch, self.device)
+            else:
+                value = _single_inputs(key, vc, self.batch, self.device)
+            self._last[key] = (vc, vu, value)
+            out[key] = value
+        return out
+
+
+def _split_step_inputs(inputs: Mapping[str, Any] | None, step_keys: set) -> dict[str, Any] | None:
+    if inputs is None:
+        return None
+    return {k: v for k, v in inputs.items() if k not in step_keys}
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +369,7 @@ class SampleStep:
 
     step: int  # 1-based
     total: int
-    x0: torch.Tensor  # the clean-latent prediction at this step's input time
+    x0: torch.Tensor | None  # the clean-latent prediction at this step's input time (None for v2)
     x: torch.Tensor  # the latent after the update, at the next grid time
     eps: torch.Tensor  # the guided epsilon prediction
 
@@ -333,6 +388,9 @@ def sample_steps(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond:
 
     x = x_init.detach().to(torch.float32).clone()
     batch, device = x.shape[0], x.device
+    per_step = _StepInputs(cond, uncond, batch, device, paired=cfg != 1)
+    step_keys = {key for key, _c, _u in per_step.items}
+    cond, uncond = _split_step_inputs(cond, step_keys), _split_step_inputs(uncond, step_keys)
     if cfg == 1:
         guided = _GuidedModel(model, None, {k: _single_inputs(k, v, batch, device) for k, v in cond.items()},
                               cfg, cfg_rho)
@@ -344,7 +402,7 @@ def sample_steps(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond:
 
     for i in range(steps):
         r = schedule.r[i].expand(batch).to(device)
-        eps = guided(x, r)
+        eps = guided(x, r, per_step.at(i, steps))
         a, b = schedule.a[i], schedule.b[i]
         a_next, b_next = schedule.a[i + 1], schedule.b[i + 1]
         x0 = (x - eps * b.item()) / a.item()
@@ -362,7 +420,8 @@ def sample(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond: Mappi
 
     ``model(x, r, **inputs)`` must return the epsilon prediction; ``r`` is the per-sample model time.
     ``cond``/``uncond`` are the model's keyword inputs for the two guidance halves, evaluated in
-    one batched call [cond; uncond] per step (see :func:`batch_conditioning`). ``uncond`` may be
+    one batched call [cond; uncond] per step (see :func:`batch_conditioning`); an input that is a
+    :class:`StepInput` is asked for its value at every step. ``uncond`` may be
     None only when ``cfg == 1``. ``callback(step, steps, x0)`` runs after every step (step counts
     from 1); anything it raises, e.g. :class:`SamplingInterrupted`, propagates at once.
     For img2img, noise the latent with :func:`noise_to` and pass ``t_start`` and the step count
@@ -375,6 +434,99 @@ def sample(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond: Mappi
         if callback is not None:
             callback(result.step, result.total, x0)
     return x0
+
+
+# --------------------------------------------------------------------------------------------
+# Würstchen v2
+# --------------------------------------------------------------------------------------------
+#
+# v2 writes the process as DDPM in ᾱ: x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε. A step from t to an
+# earlier time t' uses the per-step α = ᾱ_t/ᾱ_t' as if it were one DDPM transition, so the
+# posterior mean in ε form is μ = (x − (1 − α)/sqrt(1 − ᾱ_t)·ε)/sqrt(α) and its variance is
+# σ² = (1 − α)(1 − ᾱ_t')/(1 − ᾱ_t) (Ho et al. 2020, eq. 7 and 11). With x0 = (x − sqrt(1 − ᾱ_t)·ε)
+# /sqrt(ᾱ_t) this is exactly the DDPM (η = 1 DDIM) step above in the a/b notation, a = sqrt(ᾱ);
+# it is kept as its own rule because the scheduler computes it in this form (float32 order) and
+# because the last step (t' = 0, where ᾱ is clamped to 0.9999) adds no noise but returns μ.
+
+
+class _WuerstchenDDPM:
+    """One DDPMWuerstchenScheduler step, in its operation order (coefficients as float32 0-dim tensors)."""
+
+    def __init__(self, timesteps: torch.Tensor):
+        self.t = timesteps
+        self.alpha_cumprod = alpha_cumprod(timesteps)
+
+    def step(self, i: int, x: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        abar, abar_next = self.alpha_cumprod[i].to(x.device), self.alpha_cumprod[i + 1].to(x.device)
+        alpha = abar / abar_next
+        mu = (1.0 / alpha).sqrt() * (x - (1 - alpha) * eps / (1 - abar).sqrt())
+        if self.t[i + 1] == 0:
+            return mu
+        std = ((1 - alpha) * (1.0 - abar_next) / (1 - abar)).sqrt()
+        return mu + std * noise
+
+
+@torch.no_grad()
+def sample_v2_steps(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond: Mapping[str, Any],
+                    uncond: Mapping[str, Any] | None, *, timesteps, cfg: float,
+                    generator: torch.Generator | None = None) -> Iterator[SampleStep]:
+    """The Würstchen v2 loop as an iterator of :class:`SampleStep` (``x0`` is None); see :func:`sample_v2`."""
+    grid = check_timesteps(timesteps)
+    guided = cfg > 1
+    if guided and uncond is None:
+        raise ValueError(f"uncond inputs are required for classifier-free guidance (cfg={cfg}); "
+                         "pass cfg <= 1 to sample without guidance")
+    x = x_init.detach().to(torch.float32).clone()
+    batch, device = x.shape[0], x.device
+    if guided:
+        eps_fn = _GuidedModel(model, batch_conditioning(cond, uncond, batch, device), {}, cfg, 0.0)
+    else:
+        eps_fn = _GuidedModel(model, None, {k: _single_inputs(k, v, batch, device) for k, v in cond.items()},
+                              cfg, 0.0)
+    rule = _WuerstchenDDPM(grid)
+    steps = grid.numel() - 1
+    for i in range(steps):
+        r = grid[i].expand(batch).to(device)
+        eps = eps_fn(x, r)
+        noise = _draw_noise(x.shape, generator, device)  # drawn on every step, the last one too
+        x = rule.step(i, x, eps, noise)
+        yield SampleStep(step=i + 1, total=steps, x0=None, x=x, eps=eps)
+
+
+def sample_v2(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond: Mapping[str, Any],
+              uncond: Mapping[str, Any] | None, *, timesteps, cfg: float,
+              generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+    """Würstchen v2 sampling (the hub pipelines' loop); returns the **last x** (no x0 prediction).
+
+    ``timesteps`` is the grid from the start time down to 0 (see :mod:`wuerstchen.schedule_v2`:
+    :func:`~wuerstchen.schedule_v2.default_prior_timesteps` for the prior's 29-step recipe,
+    :func:`~wuerstchen.schedule_v2.uniform_timesteps`), or an int for that many uniform steps.
+    The model is called as ``model(x, r, **inputs)`` with r = t (no shift). Guidance applies only
+    when ``cfg > 1``: one batched call on [cond; uncond] and ``lerp(uncond, cond, cfg)``, no
+    rescale; otherwise ``uncond`` is ignored (the decoder's default cfg 0 means no guidance).
+    After each model call one ``torch.randn(x.shape, generator=generator)`` is drawn, the last
+    step's too (it is then unused), so a generator continues exactly as in the hub pipelines.
+    ``callback(step, steps, x)`` runs after each step.
+    """
+    x = x_init
+    for result in sample_v2_steps(model, x_init, cond, uncond, timesteps=timesteps, cfg=cfg, generator=generator):
+        x = result.x
+        if callback is not None:
+            callback(result.step, result.total, x)
+    return x
+
+
+def noise_to_v2(x0: torch.Tensor, t_start: float, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise a clean Würstchen v2 latent to time ``t_start``: sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε (Diffuzz.diffuse).
+
+    Sample it with a grid starting at ``t_start``; ``noise`` overrides the random draw.
+    """
+    abar = alpha_cumprod(t_start).to(x0.device)
+    x0 = x0.to(torch.float32)
+    if noise is None:
+        noise = _draw_noise(x0.shape, generator, x0.device)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise.to(device=x0.device, dtype=torch.float32)
 
 
 def noise_to(x0: torch.Tensor, t_start: float, generator: torch.Generator | None = None,

@@ -200,14 +200,140 @@ def write_tiny_models(root, seed: int = 0) -> List[Path]:
 
 def write_tiny_loras(folder, seed: int = 0) -> List[Path]:
     """One tiny Stage C LoRA per supported format (the official one under the workflow's name)."""
-    from . import lora
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, fmt in enumerate(LORA_FORMATS):
         name = LORA_WORKFLOW_FILE if fmt == "official" else f"wuerstchen_tiny_lora_{fmt}.safetensors"
         path = folder / name
-        lora.write_tiny_lora(path, fmt, STAGE_C, rank=2, seed=seed + i, text_config=TEXT)
+        write_tiny_lora(path, fmt, STAGE_C, rank=2, seed=seed + i, text_config=TEXT)
         paths.append(path)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny LoRAs in every naming scheme
+
+
+def _stage_c_shapes(stage_c) -> Dict[str, tuple]:
+    """Parameter shapes, in model order, of a StageC module or of a StageC config built on meta."""
+    from torch import nn
+
+    if isinstance(stage_c, nn.Module):
+        return {n: tuple(p.shape) for n, p in stage_c.named_parameters()}
+    from .models.stage_c import StageC
+
+    with torch.device("meta"):
+        model = StageC(**stage_c)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _tiny_stage_c_targets(shapes) -> list:
+    """Every attention q/k/v/out, plus one of each other kind of layer (linear and 1x1 conv)."""
+    import re
+
+    from .lora.formats import ModuleTarget, official_lora_modules
+
+    targets = []
+    for name in official_lora_modules(shapes, (".attn",)):
+        if name.endswith(".in_proj_weight"):
+            attn = name[: -len(".in_proj_weight")]
+            for q in range(3):
+                targets.append(ModuleTarget("stage_c", f"{attn}.in_proj", name, f"{attn}.in_proj_bias", q))
+        else:
+            module = name[: -len(".weight")]
+            targets.append(ModuleTarget("stage_c", module, name, f"{module}.bias"))
+    wanted = [r"\.kv_mapper\.1$", r"\.channelwise\.0$", r"\.channelwise\.4$", r"\.\d+\.mapper$",
+              r"\.\d+\.mapper_[a-z0-9]+$", r"^embedding\.1$", r"^clip_txt_mapper$"]
+    modules = [n[: -len(".weight")] for n in official_lora_modules(shapes, ("",)) if n.endswith(".weight")]
+    for pattern in wanted:
+        for module in modules:
+            if re.search(pattern, module):
+                targets.append(ModuleTarget("stage_c", module, f"{module}.weight", f"{module}.bias"))
+                break
+    return targets
+
+
+def _tiny_text_targets(text_config) -> list:
+    from .lora.formats import ModuleTarget
+
+    width = int(text_config["hidden_size"])
+    mlp = int(text_config.get("intermediate_size", 4 * width))
+    proj = int(text_config.get("projection_dim", width))
+    out = []
+    for layer in range(int(text_config["num_hidden_layers"])):
+        base = f"text_model.encoder.layers.{layer}"
+        for sub, o, i in (("self_attn.q_proj", width, width), ("self_attn.k_proj", width, width),
+                          ("self_attn.v_proj", width, width), ("self_attn.out_proj", width, width),
+                          ("mlp.fc1", mlp, width), ("mlp.fc2", width, mlp)):
+            module = f"{base}.{sub}"
+            out.append((ModuleTarget("text", module, f"{module}.weight", f"{module}.bias"), o, i))
+    out.append((ModuleTarget("text", "text_projection", "text_projection.weight", ""), proj, width))
+    return out
+
+
+def write_tiny_lora(path, fmt: str, stage_c_config, rank: int = 2, seed: int = 0,
+                    text_config=None) -> Dict[str, torch.Tensor]:
+    """Write a small random LoRA for ``stage_c_config`` (a StageC config dict or module) in ``fmt``.
+
+    ``fmt`` is one of :data:`wuerstchen.lora.FORMATS`. The official format covers what the
+    official trainer targets (every attention ``in_proj`` and ``out_proj``); the others cover
+    q/k/v/out of every attention block plus one kv_mapper, ResBlock linear, TimestepBlock mapper,
+    1x1 conv and the text mapper. With ``text_config`` (Hugging Face CLIPTextConfig names:
+    hidden_size, intermediate_size, num_hidden_layers, projection_dim) text-encoder LoRAs and
+    learned tokens are added too. Returns the tensors; writes them as safetensors when ``path``
+    is given.
+    """
+    from .lora.formats import CLIP_VOCAB_SIZE, OFFICIAL_EMBEDDINGS, OFFICIAL_INDICES, format_module_name, \
+        official_lora_modules
+    from .lora.parse import FORMATS
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
+    shapes = _stage_c_shapes(stage_c_config)
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen) * 0.1
+
+    out: Dict[str, torch.Tensor] = {}
+    if fmt == "official":
+        for i, name in enumerate(official_lora_modules(shapes)):
+            shape = shapes[name]
+            out[f"weights.{i}.lora_down"] = randn(rank, shape[1])
+            out[f"weights.{i}.lora_up"] = randn(shape[0], rank)
+        if text_config is not None:
+            width = int(text_config["hidden_size"])
+            vocab = int(text_config.get("vocab_size", CLIP_VOCAB_SIZE))
+            out[OFFICIAL_EMBEDDINGS] = randn(2, width)
+            out[OFFICIAL_INDICES] = torch.tensor([min(320, vocab - 1), CLIP_VOCAB_SIZE], dtype=torch.int64)
+        _save_lora(out, path, fmt)
+        return out
+
+    # kohya writes alpha (scale alpha/rank), OneTrainer too; peft files usually carry none.
+    alpha = {"kohya": rank / 2, "onetrainer": 1.0, "diffusers": None, "comfyui": None}[fmt]
+    down_key, up_key = (("lora_A.weight", "lora_B.weight") if fmt == "diffusers"
+                        else ("lora_down.weight", "lora_up.weight"))
+    entries = []
+    for target in _tiny_stage_c_targets(shapes):
+        shape = shapes[target.weight]
+        out_f = shape[0] // 3 if target.qkv is not None else shape[0]
+        entries.append((target, out_f, tuple(shape[1:])))
+    if text_config is not None:
+        entries += [(t, o, (i,)) for t, o, i in _tiny_text_targets(text_config)]
+    for target, out_f, inner in entries:
+        key = format_module_name(fmt, target)
+        conv = len(inner) > 1
+        out[f"{key}.{down_key}"] = randn(rank, *inner) if conv else randn(rank, inner[0])
+        out[f"{key}.{up_key}"] = randn(out_f, rank, *([1] * (len(inner) - 1))) if conv else randn(out_f, rank)
+        if alpha is not None:
+            out[f"{key}.alpha"] = torch.tensor(float(alpha))
+    if text_config is not None and fmt == "onetrainer":
+        out["bundle_emb.tinytoken.clip_g"] = randn(2, int(text_config["hidden_size"]))
+    _save_lora(out, path, fmt)
+    return out
+
+
+def _save_lora(tensors: Dict[str, torch.Tensor], path, fmt: str) -> None:
+    if path is not None:
+        save_safetensors(tensors, path, metadata={"wuerstchen_tiny_lora_format": fmt})

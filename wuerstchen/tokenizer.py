@@ -11,6 +11,10 @@ ways, all reproduced here on top of open_clip's bundled BPE vocabulary (identica
 * the result is ``[49406] + first 75 ids + [49407]``, padded with 0 to 77;
 * the attention mask is 1 for BOS, the content and the appended EOS, 0 for the padding.
 
+Würstchen v2's hub tokenizers (``family="v2"``) differ in two ways: they pad with
+``<|endoftext|>`` (49407), and ``!`` is an ordinary character there (``!`` -> 256, ``!!`` -> 748).
+Everything else, the mask included, is the same.
+
 Words added with :meth:`CLIPTokenizer.add_tokens` behave like Hugging Face ``add_tokens``
 (non-special, matched on the normalised text) and get ids from 49408 on, in insertion order.
 :func:`parse_prompt_weights` reads ComfyUI's emphasis syntax; the text encoder applies it.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import unicodedata
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -37,6 +42,35 @@ MAX_CONTENT_TOKENS = CONTEXT_LENGTH - 2
 
 _SPECIAL_IDS = {"!": PAD_ID, "<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID}
 _SPECIAL_SPLIT = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>|!)")
+
+
+@dataclass(frozen=True)
+class TokenizerFamily:
+    """What differs between the tokenizers of the model families: the pad id and the special strings
+    cut out of the raw text before normalisation."""
+
+    name: str
+    pad_id: int
+    special_ids: dict
+    special_split: regex.Pattern
+
+
+TOKENIZER_FAMILIES = {
+    # Stable Cascade (Würstchen v3): laion bigG tokenizer, pad token "!".
+    "v3": TokenizerFamily("v3", PAD_ID, _SPECIAL_IDS, _SPECIAL_SPLIT),
+    # Würstchen v2 hub tokenizers: pad token <|endoftext|>, "!" is plain text.
+    "v2": TokenizerFamily("v2", EOS_ID, {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID},
+                          regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")),
+}
+
+
+def tokenizer_family(family: str) -> TokenizerFamily:
+    try:
+        return TOKENIZER_FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown tokenizer family {family!r}; choose one of {sorted(TOKENIZER_FAMILIES)}") from None
+
+
 _WHITESPACE_RUN = regex.compile(r"\p{White_Space}+")
 # The CLIP pre-tokenizer pattern as the fast tokenizer applies it (no IGNORECASE; Unicode
 # White_Space rather than Python's wider isspace()).
@@ -132,11 +166,17 @@ def normalize_text(text: str) -> str:
 
 
 class CLIPTokenizer:
-    """Official-exact CLIP tokenizer; optionally with extra words (see :meth:`add_tokens`)."""
+    """Official-exact CLIP tokenizer; optionally with extra words (see :meth:`add_tokens`).
+
+    ``family`` "v3" (default) is Stable Cascade's tokenizer, "v2" Würstchen v2's (pad 49407, ``!``
+    ordinary).
+    """
 
     context_length = CONTEXT_LENGTH
 
-    def __init__(self, vocabulary: BPEVocabulary | None = None):
+    def __init__(self, vocabulary: BPEVocabulary | None = None, family: str = "v3"):
+        self.family = tokenizer_family(family)
+        self.pad_id = self.family.pad_id
         self._vocabulary = vocabulary
         self._cache: dict[str, tuple[int, ...]] = {}
         self._added: list[str] = []
@@ -158,35 +198,42 @@ class CLIPTokenizer:
         """Register words as single tokens (ids from 49408 on); returns their ids.
 
         Words are normalised like the text (so matching ignores case).  A word that is already
-        registered keeps its id.
+        registered keeps its id.  Every word is checked first: on an error nothing is added.
         """
-        ids = []
-        for word in words:
-            key = self._check_added_word(word)
+        keys = [self.check_added_word(word) for word in words]
+        for key in keys:
             if key not in self._added:
                 self._added.append(key)
-            ids.append(VOCAB_SIZE + self._added.index(key))
         self._rebuild_added_pattern()
-        return ids
+        return [VOCAB_SIZE + self._added.index(key) for key in keys]
 
     def remove_tokens(self, words: Iterable[str] | None = None) -> None:
-        """Forget the given added words (all when None); later words are renumbered."""
+        """Forget the given added words (all when None); later words are renumbered.
+
+        An unknown word raises KeyError before anything is removed.
+        """
         if words is None:
             self._added.clear()
         else:
-            for word in words:
-                key = normalize_text(word)
-                if key not in self._added:
-                    raise KeyError(f"{word!r} is not an added token (added: {self._added})")
-                self._added.remove(key)
+            words = list(words)
+            keys = [normalize_text(word) for word in words]
+            unknown = [w for w, k in zip(words, keys) if k not in self._added]
+            if unknown:
+                raise KeyError(f"{unknown[0]!r} is not an added token (added: {self._added})")
+            self._added = [w for w in self._added if w not in set(keys)]
         self._rebuild_added_pattern()
 
-    def _check_added_word(self, word: str) -> str:
+    def check_added_word(self, word: str) -> str:
+        """The normalised form of a word that can be added; ValueError saying why if it cannot."""
+        if not isinstance(word, str):
+            raise ValueError(f"added token {word!r} must be a string")
         key = normalize_text(word)
         if not key.strip() or key != key.strip():
             raise ValueError(f"added token {word!r} must be non-empty without outer whitespace")
-        if _SPECIAL_SPLIT.search(key):
-            raise ValueError(f"added token {word!r} contains a special string ('!' or <|...|>)")
+        if self.family.special_split.search(key):
+            raise ValueError(f"added token {word!r} contains a special string "
+                             f"({', '.join(repr(k) for k in self.family.special_ids)}), which the tokenizer "
+                             "always splits off")
         return key
 
     def _rebuild_added_pattern(self) -> None:
@@ -201,9 +248,10 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Content ids of ``text``: no BOS/EOS, no truncation."""
         ids: list[int] = []
-        for piece in _SPECIAL_SPLIT.split(text):
-            if piece in _SPECIAL_IDS:
-                ids.append(_SPECIAL_IDS[piece])
+        special = self.family.special_ids
+        for piece in self.family.special_split.split(text):
+            if piece in special:
+                ids.append(special[piece])
             elif piece:
                 self._encode_normalized(normalize_text(piece), ids)
         return ids
@@ -244,12 +292,11 @@ class CLIPTokenizer:
                 out += b" "
         return out.decode("utf-8", errors="replace").strip()
 
-    @staticmethod
-    def window(content_ids: Sequence[int]) -> tuple[list[int], list[int]]:
-        """BOS + at most 75 content ids + EOS, padded with 0 to 77; and the attention mask."""
+    def window(self, content_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """BOS + at most 75 content ids + EOS, padded to 77 with the pad id; and the attention mask."""
         ids = [BOS_ID, *content_ids[:MAX_CONTENT_TOKENS], EOS_ID]
         mask = [1] * len(ids) + [0] * (CONTEXT_LENGTH - len(ids))
-        return ids + [PAD_ID] * (CONTEXT_LENGTH - len(ids)), mask
+        return ids + [self.pad_id] * (CONTEXT_LENGTH - len(ids)), mask
 
     def __call__(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, both int64 [B, 77], exactly as the official code."""
@@ -267,6 +314,9 @@ class CLIPTokenizer:
 # Escaped brackets are swapped for private-use characters while parsing, then restored.
 _ESCAPES = {"\\(": "\U000F0001", "\\)": "\U000F0002", "\\[": "\U000F0003", "\\]": "\U000F0004"}
 _CLOSERS = {"(": ")", "[": "]"}
+# |weight| above this is refused: Stage C's conditioning is far out of its range long before it.
+PROMPT_WEIGHT_LIMIT = 100.0
+_MAX_NUMBER_CHARS = 64  # longer text after a ':' is never read as a number
 
 
 def parse_prompt_weights(text: str, protected: Iterable[str] = ()) -> list[tuple[str, float]]:
@@ -277,6 +327,10 @@ def parse_prompt_weights(text: str, protected: Iterable[str] = ()) -> list[tuple
     ``\\]`` are literal brackets, and so are unmatched ones.  Words in ``protected`` (added
     tokens such as ``[fernando]``) are never read as brackets.  A prompt without brackets comes
     back as the single piece ``[(text, 1.0)]``.
+
+    Linear in the length of the prompt and without recursion, whatever the nesting.  A weight
+    that is not a finite number (``(a:nan)``, ``(a:inf)``) or whose size exceeds
+    :data:`PROMPT_WEIGHT_LIMIT` (``(a:1e30)``, 50 nested brackets) raises ValueError.
     """
     for escape, placeholder in _ESCAPES.items():
         text = text.replace(escape, placeholder)
@@ -284,8 +338,7 @@ def parse_prompt_weights(text: str, protected: Iterable[str] = ()) -> list[tuple
     if words:
         pattern = regex.compile("|".join(map(regex.escape, words)), regex.IGNORECASE)
         text = pattern.sub(lambda m: _escape_brackets(m.group(0)), text)
-    pieces: list[tuple[str, float]] = []
-    _parse_group(text, 1.0, pieces)
+    pieces = _weighted_pieces(text)
     restore = {placeholder: escape[1] for escape, placeholder in _ESCAPES.items()}
     out = []
     for piece, weight in pieces:
@@ -301,57 +354,128 @@ def _escape_brackets(word: str) -> str:
     return word
 
 
-def _matching_close(text: str, start: int) -> int:
-    opener, closer, depth = text[start], _CLOSERS[text[start]], 0
-    for i in range(start, len(text)):
-        if text[i] == opener:
-            depth += 1
-        elif text[i] == closer:
-            depth -= 1
-            if depth == 0:
-                return i
-    return -1
+def _bracket_partners(text: str) -> list[int]:
+    """For each opening bracket the index of its closing partner (same kind only), else -1.
+
+    One pass with a stack per kind; this is the partner a forward scan counting that kind's
+    depth would find, for every opener at once.
+    """
+    partner = [-1] * len(text)
+    open_at: dict[str, list[int]] = {"(": [], "[": []}
+    openers = {closer: opener for opener, closer in _CLOSERS.items()}
+    for i, char in enumerate(text):
+        if char in open_at:
+            open_at[char].append(i)
+        elif char in openers and open_at[openers[char]]:
+            partner[open_at[openers[char]].pop()] = i
+    return partner
 
 
-def _parse_group(text: str, weight: float, out: list[tuple[str, float]]) -> None:
-    literal, i = [], 0
+def _explicit_weight(number: str, group: str) -> float | None:
+    """The weight written after the last ':' of a group, None when it is not a number."""
+    if len(number) > _MAX_NUMBER_CHARS:
+        return None
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    if value != value or abs(value) == float("inf"):
+        raise ValueError(f"prompt weight {number.strip()!r} in {group[:80]!r} is not a finite number")
+    return value
 
-    def flush():
-        if literal:
-            out.append(("".join(literal), weight))
-            literal.clear()
 
-    while i < len(text):
+def _weighted_pieces(text: str) -> list[tuple[str, float]]:
+    """The bracket grammar, walked with an explicit stack of open groups."""
+    partner = _bracket_partners(text)
+    last_colon, colon = [], -1
+    for i, char in enumerate(text):
+        colon = i if char == ":" else colon
+        last_colon.append(colon)
+    pieces: list[tuple[str, float]] = []
+    literal: list[str] = []
+
+    def flush(weight: float) -> None:
+        if not literal:
+            return
+        piece = "".join(literal)
+        literal.clear()
+        if abs(weight) > PROMPT_WEIGHT_LIMIT:
+            raise ValueError(f"prompt weight {weight:.4g} of {piece[:40]!r} is out of range: weights (also "
+                             f"from nested brackets, x1.1 each) must lie within ±{PROMPT_WEIGHT_LIMIT:g}")
+        pieces.append((piece, weight))
+
+    # Each open group: (where its text ends, where reading resumes after it, its weight).
+    stack = [(len(text), len(text), 1.0)]
+    i = 0
+    while stack:
+        end, resume, weight = stack[-1]
+        if i >= end:
+            flush(weight)
+            stack.pop()
+            i = resume
+            continue
         char = text[i]
-        close = _matching_close(text, i) if char in _CLOSERS else -1
-        if close < 0:
+        close = partner[i] if char in _CLOSERS else -1
+        if close < 0 or close >= end:
             literal.append(char)
             i += 1
             continue
-        flush()
-        inner = text[i + 1 : close]
+        flush(weight)
+        inner_end = close
         if char == "(":
             inner_weight = weight * 1.1
-            colon = inner.rfind(":")
-            if colon > 0:
-                try:
-                    explicit = float(inner[colon + 1 :])
-                except ValueError:
-                    explicit = None
-                if explicit is not None and explicit == explicit and abs(explicit) != float("inf"):
-                    inner_weight, inner = explicit, inner[:colon]
+            colon = last_colon[close - 1]
+            if colon > i + 1:
+                explicit = _explicit_weight(text[colon + 1:close], text[i:close + 1])
+                if explicit is not None:
+                    inner_weight, inner_end = explicit, colon
         else:
             inner_weight = weight / 1.1
-        _parse_group(inner, inner_weight, out)
-        i = close + 1
-    flush()
+        stack.append((inner_end, close + 1, inner_weight))
+        i += 1
+    return pieces
 
 
-@lru_cache(maxsize=1)
-def _plain_tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer()
+# ---- textual-inversion references ---------------------------------------------------------
+EMBEDDING_PREFIX = "embedding:"
+# ComfyUI's syntax: "embedding:NAME" as a word (NAME up to a space or comma), here also with an
+# optional ":WEIGHT"; "(embedding:NAME:1.2)" weights it through the bracket syntax.
+_EMBEDDING_REF = regex.compile(r"(?<![^\s,(\[])embedding:([^\s,:]+)(?::([^\s,]*))?")
 
 
-def tokenize(prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official Stable Cascade tokenization: ``(input_ids, attention_mask)``, int64 [B, 77]."""
-    return _plain_tokenizer()(prompts)
+def split_embedding_refs(text: str) -> list[str | tuple[str, float | None]]:
+    """``text`` cut into plain text and ``(name, weight or None)`` for each ``embedding:NAME[:W]``."""
+    out: list[str | tuple[str, float | None]] = []
+    at = 0
+    for m in _EMBEDDING_REF.finditer(text):
+        if m.start() > at:
+            out.append(text[at:m.start()])
+        weight = None
+        if m.group(2) is not None:
+            number = m.group(2)
+            value = _explicit_weight(number, m.group(0)) if number else None
+            if value is None:
+                raise ValueError(f"{m.group(0)!r}: {number!r} is not a weight; write embedding:NAME or "
+                                 "embedding:NAME:1.2")
+            if abs(value) > PROMPT_WEIGHT_LIMIT:
+                raise ValueError(f"{m.group(0)!r}: weight {value:g} is out of range (±{PROMPT_WEIGHT_LIMIT:g})")
+            weight = value
+        out.append((m.group(1), weight))
+        at = m.end()
+    if at < len(text):
+        out.append(text[at:])
+    return out
+
+
+@lru_cache(maxsize=None)
+def _plain_tokenizer(family: str = "v3") -> CLIPTokenizer:
+    return CLIPTokenizer(family=family)
+
+
+def tokenize(prompts: str | Sequence[str], family: str = "v3") -> tuple[torch.Tensor, torch.Tensor]:
+    """Official tokenization, ``(input_ids, attention_mask)``, int64 [B, 77].
+
+    ``family`` "v3": Stable Cascade's ids; "v2": the Würstchen v2 hub tokenizers' ids.
+    """
+    tokenizer_family(family)  # a clear error before the cache sees an unknown name
+    return _plain_tokenizer(family)(prompts)

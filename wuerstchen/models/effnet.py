@@ -4,6 +4,11 @@ Stable Cascade encodes images for stage C training and stage B conditioning with
 EfficientNetV2-S backbone followed by a 1x1 projection to 16 channels. The official code takes
 the backbone from torchvision; this is an independent implementation with the same module tree,
 so released checkpoints (``backbone.0 ... backbone.7``) load unchanged.
+
+Würstchen v2's semantic compressor is the same network with two changes (``family="v2"``): its
+mapper BatchNorm has affine parameters, and its output is moved into the prior's sampling space,
+``(y + 1) / 42``. :func:`v2_effnet_to_raw` maps a prior result back to the raw ``y`` the v2
+decoder was trained on.
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BACKBONE_BN_EPS = 1e-3
 BACKBONE_OUT_CHANNELS = 1280
+
+V2_LATENT_SCALE = 42.0
+V2_LATENT_OFFSET = 1.0
+"""Würstchen v2: the prior samples ``(y + 1) / 42`` of the raw effnet output y (hub ``latent_mean`` 42 and
+``latent_std`` 1, although the pipeline uses them as ``x · 42 − 1``)."""
+
+EFFNET_FAMILIES = ("v3", "v2")
 
 
 @dataclass(frozen=True)
@@ -198,25 +210,37 @@ def effnet_preprocess(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
+def v2_effnet_to_raw(x: torch.Tensor) -> torch.Tensor:
+    """Würstchen v2 prior space -> raw effnet output (the decoder's ``effnet`` input): ``x · 42 − 1``."""
+    return x * V2_LATENT_SCALE - V2_LATENT_OFFSET
+
+
 class EfficientNetEncoder(nn.Module):
-    """Stable Cascade's image-to-latent encoder: EfficientNetV2 features, 1x1 conv, BatchNorm.
+    """The semantic compressor: EfficientNetV2 features, 1x1 conv, BatchNorm.
 
     Input: ImageNet-normalised images (see :func:`effnet_preprocess`); output: ``c_latent``
     channels at 1/32 of the input size. ``backbone_setting`` replaces the EfficientNetV2-S stage
-    table (used for small test models).
+    table (used for small test models). ``family`` "v3" is Stable Cascade's encoder (BatchNorm
+    without affine, raw output); "v2" is Würstchen v2's (affine BatchNorm, output ``(y + 1) / 42``).
     """
 
     def __init__(self, c_latent: int = 16, backbone_setting: Sequence[StageLike] | None = None,
-                 last_channel: int = BACKBONE_OUT_CHANNELS):
+                 last_channel: int = BACKBONE_OUT_CHANNELS, family: str = "v3"):
         super().__init__()
+        if family not in EFFNET_FAMILIES:
+            raise ValueError(f"EfficientNetEncoder family must be one of {EFFNET_FAMILIES}, got {family!r}")
+        self.family = family
         self.backbone = build_efficientnet_features(backbone_setting, last_channel=last_channel)
         self.mapper = nn.Sequential(
             nn.Conv2d(last_channel, c_latent, kernel_size=1, bias=False),
-            nn.BatchNorm2d(c_latent, affine=False),
+            nn.BatchNorm2d(c_latent, affine=family == "v2"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.mapper[0].weight
         if x.is_floating_point():
             x = x.to(dtype=weight.dtype)
-        return self.mapper(self.backbone(x))
+        y = self.mapper(self.backbone(x))
+        if self.family == "v2":
+            return y.add(V2_LATENT_OFFSET).div(V2_LATENT_SCALE)
+        return y

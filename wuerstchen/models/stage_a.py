@@ -151,6 +151,15 @@ class StageA(nn.Module):
         x = self._cast(x) * self.scale_factor
         return self.out_block(self.up_blocks(x))
 
+    def encode_unscaled(self, x: torch.Tensor) -> torch.Tensor:
+        """The unquantized latent without the scale factor (diffusers' ``PaellaVQModel.encode``)."""
+        return self.down_blocks(self.in_block(self._cast(x)))
+
+    def decode_unscaled(self, h: torch.Tensor) -> torch.Tensor:
+        """Decode ``h`` as given, no scale factor applied (diffusers' ``PaellaVQModel.decode`` without
+        quantization; the Würstchen v2 pipeline passes ``0.3764 · latent``)."""
+        return self.out_block(self.up_blocks(self._cast(h)))
+
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Decode codebook indices (B, h, w) to images."""
         return self.decode(self.vquantizer.lookup(indices, dim=1) / self.scale_factor)

@@ -1,0 +1,133 @@
+"""ComfyUI's IMAGE / MASK / LATENT / CONDITIONING layouts <-> the core's tensors: the one place
+the nodes translate data. The core takes images [B, 3, H, W] and masks [B, 1, H, W] in [0, 1].
+
+* IMAGE is [B, H, W, C] in [0, 1]; MASK is [B, H, W] (or [H, W]), 1 = selected.
+* Stage C LATENT: ``{"samples": [B, 16, h, w]}`` at the official scale (ComfyUI's SC_Prior has
+  scale 1), plus the size it was made for and its compression under our own keys.
+* Stage B LATENT: ``{"samples": [B, 4, H/4, W/4]}`` as ComfyUI keeps it, the raw VQGAN encoder
+  output, which is the official Stage B latent times 0.43.
+* CONDITIONING: ``[[clip_text [1, L, 1280], {"pooled_output": [1, 1280], ...}], ...]``, as
+  ComfyUI's own Stable Cascade text encoding, so its conditioning nodes (concat, zero out, ...) keep
+  working. Image-variation tokens ride along under our own key.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from wuerstchen import pipeline
+from wuerstchen.pipeline import Conditioning
+
+from .host import NodeError
+
+COND_IMAGE_TOKENS = "wuerstchen_clip_img"  # [1, N, 768] image embeddings, strength applied
+LATENT_SIZE = "wuerstchen_size"  # (height, width) the Stage C latent was made for
+LATENT_COMPRESSION = "wuerstchen_compression"
+
+
+# ------------------------------------------------------------------------------------------------
+# IMAGE and MASK
+
+
+def images_in(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] -> [B, 3, H, W] (alpha dropped, grey expanded)."""
+    x = image.float()
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    x = x[..., :3]
+    if x.shape[-1] == 1:
+        x = x.expand(*x.shape[:-1], 3)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def images_out(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> ComfyUI IMAGE [B, H, W, 3]."""
+    return images.permute(0, 2, 3, 1).contiguous()
+
+
+def mask_in(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """ComfyUI MASK [B, H, W] or [H, W] -> [B, 1, H, W]."""
+    if mask is None:
+        return None
+    m = mask.float()
+    return (m[None] if m.dim() == 2 else m)[:, None]
+
+
+def to_pil(images: torch.Tensor):
+    """The first of [B, 3, H, W] images as a PIL picture (progress-bar previews)."""
+    from PIL import Image
+
+    return Image.fromarray((images[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------
+# LATENT
+
+
+def stage_c_out(samples: torch.Tensor, size: Tuple[int, int], compression: float) -> dict:
+    return {"samples": samples, LATENT_SIZE: (int(size[0]), int(size[1])), LATENT_COMPRESSION: float(compression)}
+
+
+def stage_c_size(latent: dict) -> Tuple[Tuple[int, int], float]:
+    """((H, W), compression) a Stage C LATENT stands for (see :func:`wuerstchen.pipeline.output_size`)."""
+    compression = float(latent.get(LATENT_COMPRESSION, pipeline.OFFICIAL_COMPRESSION))
+    return pipeline.output_size(tuple(latent["samples"].shape[-2:]), latent.get(LATENT_SIZE), compression), compression
+
+
+def stage_c_in(latent: dict, channels: int, node: str, socket: str) -> torch.Tensor:
+    samples = latent["samples"]
+    if samples.dim() != 4 or samples.shape[1] != channels:
+        raise NodeError(f"{node}: '{socket}' must be a Stage C latent with {channels} channels, got shape "
+                        f"{list(samples.shape)} (use Wuerstchen Empty Latent's stage_c output)")
+    return samples
+
+
+def stage_b_out(latent: torch.Tensor) -> dict:
+    return {"samples": latent * pipeline.STAGE_A_SCALE}
+
+
+def stage_b_in(latent: dict) -> torch.Tensor:
+    return latent["samples"].float() / pipeline.STAGE_A_SCALE
+
+
+# ------------------------------------------------------------------------------------------------
+# CONDITIONING
+
+
+def conditioning_out(cond: Conditioning) -> list:
+    out = []
+    for i in range(cond.clip_text.shape[0]):
+        extras = {"pooled_output": cond.clip_text_pooled[i:i + 1, 0]}
+        if cond.clip_img is not None:
+            extras[COND_IMAGE_TOKENS] = cond.clip_img[i:i + 1]
+        out.append([cond.clip_text[i:i + 1], extras])
+    return out
+
+
+def conditioning_in(conditioning, node: str, socket: str) -> Conditioning:
+    """Our Conditioning from a CONDITIONING socket (ours, or ComfyUI's Stable Cascade encoding)."""
+    if not conditioning:
+        raise NodeError(f"{node}: '{socket}' is empty; wire a Wuerstchen Text Encode (an empty prompt for the negative)")
+    texts, pooled, images = [], [], []
+    for entry in conditioning:
+        tensor, extras = entry[0], entry[1]
+        p = extras.get("pooled_output")
+        if p is None:
+            raise NodeError(f"{node}: '{socket}' has no pooled text embedding; encode it with Wuerstchen Text Encode "
+                            "(or ComfyUI's CLIP Text Encode with a Stable Cascade CLIP)")
+        texts.append(tensor.float())
+        pooled.append(p.float().reshape(tensor.shape[0], 1, -1))
+        images.append(extras.get(COND_IMAGE_TOKENS))
+    if len({t.shape[1] for t in texts}) > 1:
+        n = max(t.shape[1] for t in texts)
+        texts = [pipeline.repeat_tokens(t, n) for t in texts]
+    clip_img = None
+    if any(i is not None for i in images):
+        n = max(i.shape[1] for i in images if i is not None)
+        width = next(i.shape[-1] for i in images if i is not None)
+        filled = [pipeline.pad_tokens(i.float(), n) if i is not None else torch.zeros(1, n, width) for i in images]
+        clip_img = torch.cat(filled)
+    return Conditioning(torch.cat(texts), torch.cat(pooled), clip_img)
