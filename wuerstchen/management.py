@@ -48,7 +48,8 @@ class ManagerHooks:
         return torch.device("cpu")
 
     def free_memory(self, nbytes: int, device: torch.device) -> None:
-        """Ask the host to make ``nbytes`` available on ``device`` (ComfyUI unloads its models)."""
+        """Ask the host to make ``nbytes`` available on ``device`` before the manager places
+        models itself (hosts with a memory manager place them through :meth:`placer` instead)."""
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -201,7 +201,7 @@ class _Active:
     hosts: Optional[List[torch.Tensor]] = None  # the host tensors while swapped in
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class Placement:
     """Where one network's weights are: on the offload device, or placed on a compute device whole
     or with some blocks streamed. One per cached network (see the model manager).
@@ -212,8 +212,8 @@ class Placement:
     module: nn.Module
     offload: torch.device
     transfers_for: Callable[[torch.device], Transfers]
-    device: Optional[torch.device] = None  # where it is placed; None: only on the offload device
-    streamed: Set[int] = field(default_factory=set)  # indices into blocks
+    device: Optional[torch.device] = field(default=None, init=False)  # where it is placed; None: offload only
+    streamed: Set[int] = field(default_factory=set, init=False)  # indices into blocks
 
     def __post_init__(self):
         schedule = getattr(self.module, "block_schedule", None)
@@ -234,6 +234,11 @@ class Placement:
         self._hooks: list = []
         self._active: Dict[int, _Active] = {}
         self._pos = -1
+
+    def __repr__(self) -> str:
+        where = "offload" if self.device is None else str(self.device)
+        return (f"Placement({type(self.module).__name__} on {where}: {self.loaded_bytes} of {self.total_bytes} "
+                f"bytes, {len(self.streamed)} of {len(self.blocks)} blocks streamed)")
 
     # -- what is where -------------------------------------------------------------------------
     @property
