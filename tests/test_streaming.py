@@ -262,3 +262,38 @@ def test_a_nested_run_never_evicts_the_outer_running_stage(tiny_dir):
     with mgr.running(sb):  # sc is idle now: it goes
         assert mgr.placement(sc).device is None
     assert sim.live == mgr.placement(sb).loaded_bytes
+
+
+def test_the_schedule_lets_the_device_finish_a_block_before_copying_the_one_after_next():
+    """On CUDA the host runs ahead of the device; Transfers.fetch waits for the block released last
+    (Transfers.done), which bounds what is queued. Here: every used block is made ready before it
+    runs and marked done after, and when a copy starts at most one used block is not yet done."""
+    model, kwargs = _parity_model("stage_c_switch")
+    calls = []
+
+    class Recording(SimulatedDevice):
+        def fetch(self, tensors):
+            fetch = super().fetch(tensors)
+            fetch.serial = len(calls)
+            calls.append(("fetch", fetch.serial))
+            return fetch
+
+        def ready(self, fetch):
+            calls.append(("ready", fetch.serial))
+
+        def done(self, fetch):
+            calls.append(("done", fetch.serial))
+
+    sim = Recording()
+    placement = Placement(model, torch.device("cpu"), lambda device: sim)
+    placement.load("cpu", _budget_streaming_half(placement))
+    with torch.no_grad():
+        model(**kwargs)
+        model(**kwargs)
+    readied, finished = [], []
+    for what, fid in calls:
+        if what == "fetch":
+            assert len(set(readied) - set(finished)) <= 1
+        (readied if what == "ready" else finished if what == "done" else []).append(fid)
+    assert sorted(readied) == sorted(finished) and len(set(readied)) == len(readied)
+    assert len(readied) >= 2 * len(placement.streamed)  # each streamed block, in each of the two forwards

@@ -57,6 +57,7 @@ class Transfers:
         self.device = torch.device(device)
         self.offload = torch.device(offload)
         self._side = None
+        self._finished = None  # CUDA event: the compute stream is done with the last released block
 
     @property
     def moves(self) -> bool:
@@ -90,6 +91,9 @@ class Transfers:
         """Start copying ``tensors`` to the device (asynchronously where the device allows)."""
         if self.device.type != "cuda":
             return Fetch([t.to(self.device) for t in tensors])
+        if self._finished is not None:  # see done()
+            self._finished.synchronize()
+            self._finished = None
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)
         with torch.cuda.stream(self._side):
@@ -107,6 +111,17 @@ class Transfers:
         main.wait_event(fetch.event)
         for t in fetch.tensors:
             t.record_stream(main)
+
+    def done(self, fetch: Fetch) -> None:
+        """The compute stream has queued its last use of ``fetch``. The next fetch first waits until
+        the device has run that far, so the copy can reuse the released memory: the host queues
+        work far ahead of the device, and without this wait every block would be queued for copy,
+        and held, at once."""
+        if fetch.event is None:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._finished = event
 
 
 class SimulatedDevice(Transfers):
@@ -398,6 +413,7 @@ class Placement:
         if active is not None and active.hosts is not None:
             for slot, host in zip(self._block_slots[i], active.hosts):
                 slot.set(host)
+            self.transfers.done(active.fetch)
 
     def _release_all(self) -> None:
         for i in list(self._active):
