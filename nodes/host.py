@@ -1,6 +1,6 @@
 """Everything the nodes need from their host: ComfyUI when it is there, plain fallbacks when not.
 
-Model folders, the shared model manager (with ComfyUI's device choice, memory freeing and
+Model folders, the shared model manager (with ComfyUI's device choice, its memory manager and
 Cancel button plugged in), progress bars with live previews. Without ComfyUI (tests, scripts)
 the model folders are the ComfyUI-style sub-folders of one root (``WUERSTCHEN_MODELS_DIR`` or
 :func:`configure`), and progress goes nowhere.
@@ -51,16 +51,16 @@ class NodeError(ValueError):
 
 
 class ComfyHooks(ManagerHooks):
-    """The model manager's integration points, answered by ComfyUI."""
+    """The model manager's integration points, answered by ComfyUI. What stays on the GPU is
+    ComfyUI's call: our networks are models in its memory manager (nodes/comfy_memory.py), loaded
+    whole or partly (the rest streamed) in the room it grants, as its --lowvram/--novram modes
+    and its free memory allow, and unloaded when it needs the room or is told to free memory."""
 
     def compute_device(self) -> torch.device:
         return comfy_mm.get_torch_device()
 
     def offload_device(self) -> torch.device:
         return comfy_mm.unet_offload_device()
-
-    def free_memory(self, nbytes: int, device: torch.device) -> None:
-        comfy_mm.free_memory(nbytes, device)
 
     def check_interrupt(self) -> None:
         comfy_mm.throw_exception_if_processing_interrupted()
@@ -70,9 +70,10 @@ class ComfyHooks(ManagerHooks):
             return False
         return bool(comfy_mm.should_use_bf16(device))
 
-    def keep_resident(self) -> bool:
-        low = {getattr(comfy_mm.VRAMState, n) for n in ("LOW_VRAM", "NO_VRAM", "DISABLED") if hasattr(comfy_mm.VRAMState, n)}
-        return comfy_mm.vram_state not in low
+    def placer(self, manager: ModelManager):
+        from .comfy_memory import ComfyPlacer
+
+        return ComfyPlacer(manager)
 
 
 @dataclass

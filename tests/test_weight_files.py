@@ -192,8 +192,8 @@ def test_valid_edge_cases_are_accepted_like_the_library_does(tmp_path):
 
 
 def test_unsupported_dtype_is_named_not_called_corrupt(tmp_path):
-    path = write_raw(tmp_path / "fp8.safetensors", {"a": entry(dtype="F8_E4M3", offsets=[0, 2])}, b"\0\0")
-    msg = refused(path, "tensor 'a' is stored as F8_E4M3, which this loader cannot read", "BF16")
+    path = write_raw(tmp_path / "e8m0.safetensors", {"a": entry(dtype="F8_E8M0", offsets=[0, 2])}, b"\0\0")
+    msg = refused(path, "tensor 'a' is stored as F8_E8M0, which this loader cannot read", "BF16")
     assert "corrupt" not in msg
 
 
@@ -398,7 +398,7 @@ def _bad_files(folder, good_stage_b):
     write_raw(folder / "meta_number.safetensors", {"__metadata__": {"wuerstchen_config": 5}, "a": entry()})
     write_raw(folder / "meta_list.safetensors", {"__metadata__": [["a", "b"]], "a": entry()})
     write_raw(folder / "shared_bytes.safetensors", {"a": entry(), "b": entry()})
-    write_raw(folder / "fp8.safetensors", {"a": entry(dtype="F8_E4M3", offsets=[0, 2])}, b"\0\0")
+    write_raw(folder / "e8m0.safetensors", {"a": entry(dtype="F8_E8M0", offsets=[0, 2])}, b"\0\0")
     os.mkfifo(folder / "pipe.pt")
     os.symlink(folder / "loop.safetensors", folder / "loop.safetensors")
     os.symlink(folder / "nowhere.safetensors", folder / "broken.safetensors")
@@ -406,7 +406,7 @@ def _bad_files(folder, good_stage_b):
     (folder / "stage_b_half.safetensors").write_bytes(data[: len(data) // 2])
     (folder / "junk.ckpt").write_bytes(b"PK\x03\x04 not a zip" * 10)
     return {"deep": "nested", "meta_number": "metadata value", "meta_list": "__metadata__ is a JSON array",
-            "shared_bytes": "share bytes", "fp8": "F8_E4M3", "pipe": "named pipe", "loop": "symlink loop",
+            "shared_bytes": "share bytes", "e8m0": "F8_E8M0", "pipe": "named pipe", "loop": "symlink loop",
             "broken": "broken symlink", "stage_b_half": "truncated", "junk": "cannot be read safely"}
 
 
