@@ -86,6 +86,7 @@ class ModelKind:
     purpose: str = ""
     family: str = STABLE_CASCADE
     fp16_guard: bool = False
+    fp8: bool = False  # may store its matrix weights in fp8: its layers upcast them as they run (models/ops.py)
     folders: Tuple[str, ...] = ()
     anywhere: bool = False
     siblings: Tuple[Tuple[str, bool], ...] = ()
@@ -232,7 +233,7 @@ _KIND_LIST = (
         markers=(("clip_txt_mapper.weight", "clip_img_mapper.weight", "embedding.1.weight"),),
         layout=layouts.stage_c, configs=configs.STAGE_C, build=lambda cfg: _models().StageC(**cfg),
         variant_titles={"full": "Stage C (3.6B)", "lite": "Stage C lite (1B)"},
-        fp16_guard=True, folders=("diffusion_models", "checkpoints"),
+        fp16_guard=True, fp8=True, folders=("diffusion_models", "checkpoints"),
     ),
     ModelKind(
         "stage_b", "Stage B (latent decoder)",
@@ -242,7 +243,7 @@ _KIND_LIST = (
         markers=(("effnet_mapper.0.weight", "pixels_mapper.0.weight", "clip_mapper.weight"),),
         layout=layouts.stage_b, configs=configs.STAGE_B, build=lambda cfg: _models().StageB(**cfg),
         variant_titles={"full": "Stage B (3B / 1.5B params)", "lite": "Stage B lite (700M)"},
-        fp16_guard=True, folders=("diffusion_models", "checkpoints"),
+        fp16_guard=True, fp8=True, folders=("diffusion_models", "checkpoints"),
     ),
     ModelKind(
         "stage_a", "Stage A (VQGAN)",
@@ -315,7 +316,7 @@ _KIND_LIST = (
                   "blocks.2.attention.attn.in_proj_weight")),  # original
         accepts=lambda s, hints: v2_layouts.detect_v2_prior(s) is not None,
         layout=v2_layouts.prior_layout, configs={"official": configs.V2_PRIOR}, build=_v2("WuerstchenPrior"),
-        variant_titles={"official": "Würstchen v2 prior (stage C, 1B)"}, role="stage_c", **_V2_UNET,
+        variant_titles={"official": "Würstchen v2 prior (stage C)"}, role="stage_c", **_V2_UNET,
     ),
     ModelKind(
         "v2_decoder", "Würstchen v2 decoder (stage B)",
@@ -326,7 +327,7 @@ _KIND_LIST = (
         absent=("effnet_mapper.", "pixels_mapper.", "down_downscalers."),  # Stable Cascade's Stage B
         accepts=lambda s, hints: v2_layouts.detect_v2_decoder(s) is not None,
         layout=v2_layouts.decoder_layout, configs={"official": configs.V2_DECODER}, build=_v2("WuerstchenDiffNeXt"),
-        variant_titles={"official": "Würstchen v2 decoder (stage B, 1B)"}, role="stage_b", **_V2_UNET,
+        variant_titles={"official": "Würstchen v2 decoder (stage B)"}, role="stage_b", **_V2_UNET,
     ),
     ModelKind(
         "v2_effnet", "Würstchen v2 EfficientNet semantic compressor",
