@@ -139,14 +139,16 @@ def _prompt_list(prompts: Prompts, what: str) -> list:
 
 
 def encode_text_v2(text_encoder: nn.Module, prompts: Prompts, negative_prompts: Optional[Prompts] = None, *,
-                   num_images_per_prompt: int = 1, weights: bool = True, long_prompts: bool = True) -> V2Text:
+                   num_images_per_prompt: int = 1, weights: bool = True, long_prompts: bool = True,
+                   embeddings=None) -> V2Text:
     """Both sides of one tower's conditioning, as float32 CPU tensors.
 
     ``text_encoder`` must be a v2-family :class:`~wuerstchen.text.CLIPTextEncoder` (pad 49407,
     ``last_hidden_state``). The negative side is the embedding of ``negative_prompts`` (one for
     all, or one per prompt), or of "" when None. Prompt weights and long prompts behave as
-    :meth:`~wuerstchen.text.CLIPTextEncoder.encode_prompts` documents; a plain prompt of at most
-    75 tokens gives exactly the hub pipelines' embedding.
+    :meth:`~wuerstchen.text.CLIPTextEncoder.encode_prompts` documents (``embeddings``: where
+    ``embedding:NAME`` is looked up); a plain prompt of at most 75 tokens gives exactly the hub
+    pipelines' embedding.
     """
     family = getattr(text_encoder, "family", None)
     if family != "v2":
@@ -162,8 +164,9 @@ def encode_text_v2(text_encoder: nn.Module, prompts: Prompts, negative_prompts: 
         elif len(negatives) != len(prompts):
             raise ValueError(f"encode_text_v2: {len(negatives)} negative prompts for {len(prompts)} prompts; "
                              "give one for all or one per prompt")
-    cond, _ = text_encoder.encode_prompts(prompts, weights=weights, long_prompts=long_prompts)
-    uncond, _ = text_encoder.encode_prompts(negatives, weights=weights, long_prompts=long_prompts)
+    cond, _ = text_encoder.encode_prompts(prompts, weights=weights, long_prompts=long_prompts, embeddings=embeddings)
+    uncond, _ = text_encoder.encode_prompts(negatives, weights=weights, long_prompts=long_prompts,
+                                            embeddings=embeddings)
     cond, uncond = _match_lengths(cond.float().cpu(), uncond.float().cpu())
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
