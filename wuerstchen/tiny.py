@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .checkpoints import CONFIG_METADATA_KEY, build_module
-from .kinds import BUNDLES, KINDS
+from .kinds import BUNDLES, KINDS, STABLE_CASCADE
 from .weights_io import save_safetensors
 
 TEXT = dict(vocab_size=49408, hidden_size=24, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
@@ -187,10 +187,11 @@ def _save_pickled(tensors_by_container: Dict[str, Dict[str, torch.Tensor]], path
     torch.save({name: dict(state) for name, state in tensors_by_container.items()}, str(path))
 
 
-def write_tiny_models(root, seed: int = 0) -> List[Path]:
+def write_tiny_models(root, seed: int = 0, families: Optional[Sequence[str]] = None) -> List[Path]:
     """Write the whole tiny release under ``root`` (every official file name in its layout and key
     spelling, ComfyUI's single-file checkpoints, and the original Würstchen v2 ``.pt`` files as dicts
-    of tensor dicts); returns the written paths."""
+    of tensor dicts); returns the written paths. ``families``: only those families' files (and LoRAs
+    only with Stable Cascade's)."""
     root = Path(root)
     written: List[Path] = []
     bundle_names = {b.name for b in BUNDLES}
@@ -211,9 +212,12 @@ def write_tiny_models(root, seed: int = 0) -> List[Path]:
             states[(kind_name, variant)] = tiny_state(kind_name, variant, seed + len(states))
         return states[(kind_name, variant)]
 
+    def wanted(family: str) -> bool:
+        return families is None or family in families
+
     for kind in KINDS.values():
         for file in kind.files:
-            if file.name in bundle_names:
+            if file.name in bundle_names or not wanted(kind.family_of(file)):
                 continue
             state = _cast(state_of(kind.name, file.variant), file.dtype)
             if file.spelling:
@@ -224,6 +228,8 @@ def write_tiny_models(root, seed: int = 0) -> List[Path]:
                 save(file.name, state, _meta(**{kind.name: TINY_CONFIGS[(kind.name, file.variant)]}))
 
     for bundle in BUNDLES:
+        if not wanted(KINDS[next(iter(bundle.parts))].family):
+            continue
         parts, hints = {}, {}
         for kind_name, prefix in bundle.parts.items():
             variant = KINDS[kind_name].files[0].variant
@@ -235,7 +241,8 @@ def write_tiny_models(root, seed: int = 0) -> List[Path]:
             state = {k: v for prefix, part in parts.items() for k, v in _prefixed(part, prefix).items()}
             save(bundle.name, state, _meta(**hints))
 
-    written.extend(write_tiny_loras(root, seed=seed + 40))
+    if wanted(STABLE_CASCADE):
+        written.extend(write_tiny_loras(root, seed=seed + 40))
     return written
 
 
