@@ -16,7 +16,8 @@ class WuerstchenStageADecode:
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Decodes a Stage B latent to an image with the Stage A VQGAN; large images are decoded in tiles."
+    DESCRIPTION = ("Decodes a Stage B latent to an image with the Stage A VQGAN; large images are decoded in tiles. "
+                   "Würstchen v2's decoder output decodes the same way (its VQGAN is this Stage A).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -52,6 +53,7 @@ class WuerstchenPreviewDecode:
 
     def decode(self, previewer, latent):
         pv = require(previewer, "previewer", "WuerstchenPreviewDecode", "previewer")
+        samples = T.stage_c_in(latent, pv.model.config["c_in"], "WuerstchenPreviewDecode", "latent")
         with manager().running(pv.model):
-            images = pipeline.preview_stage_c(pv.module, latent["samples"])
+            images = pipeline.preview_stage_c(pv.module, samples)
         return (T.images_out(images),)

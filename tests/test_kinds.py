@@ -104,9 +104,12 @@ def test_missing_v2_weights_name_each_files_source(tmp_path):
 def test_node_folders_come_from_the_table():
     from nodes import host
 
-    for name, kind in kinds.KINDS.items():
-        assert host.FOLDERS[name][0] == kinds.OWN_FOLDER
-        assert host.FOLDERS[name] == kind.folder_list()
+    for name, kind in kinds.KINDS.items():  # a loader lists the folders of every kind that fills its role
+        assert host.FOLDERS[kind.slot][0] == kinds.OWN_FOLDER
+        assert set(kind.folder_list()) <= set(host.FOLDERS[kind.slot])
+    for role in ("stage_c", "stage_b", "effnet", "clip_text"):
+        assert set(host.FOLDERS[role]) == {f for k in kinds.kinds_of_role(role) for f in kinds.get(k).folder_list()}
+        assert {kinds.get(k).family for k in kinds.kinds_of_role(role)} == {kinds.STABLE_CASCADE, kinds.WUERSTCHEN_V2}
 
 
 def test_fp16_guard_is_switched_on_for_the_kinds_that_need_it(tiny_dir):

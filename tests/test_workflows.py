@@ -247,7 +247,7 @@ def test_unknown_node_type_is_reported(env):
 
 @pytest.mark.parametrize("node_type,index,value,expected", [
     ("WuerstchenStageCSampler", 5, "heun", "widget 'sampler' = 'heun' is not one of the choices ('ddpm'"),
-    ("WuerstchenStageCSampler", 2, 0, "widget 'steps' = 0 is below its minimum 1"),
+    ("WuerstchenStageCSampler", 2, -1, "widget 'steps' = -1 is below its minimum 0"),
     ("WuerstchenStageCSampler", 6, 1.5, "widget 'denoise' = 1.5 is above its maximum 1.0"),
     ("WuerstchenStageCSampler", 1, "sometimes", "control_after_generate = 'sometimes'"),
     ("WuerstchenEmptyLatent", 0, "1024", "widget 'width' = '1024' is not an integer"),

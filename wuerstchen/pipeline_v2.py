@@ -119,6 +119,19 @@ def check_size_v2(height: int, width: int, multiple: int = DECODER_SIZE_MULTIPLE
             f"divisible by 3); use {nearest[1]}x{nearest[0]} (any multiple of 128 works)")
 
 
+def check_prior_latent_v2(height: int, width: int, multiple: int = DECODER_SIZE_MULTIPLE, where: str = "latent") -> None:
+    """Raise a one-line ValueError when a prior latent of ``height × width`` would give a decoder
+    latent the decoder cannot take (sides divisible by 3 work), naming image sizes that work."""
+    d_h, d_w = decoder_latent_size(height, width)
+    if height >= 1 and width >= 1 and not (d_h % multiple or d_w % multiple):
+        return
+    near = lambda e: 3 * max(1, round(e / 3))  # noqa: E731
+    good = output_size(*(math.floor((near(e) - 0.5) * V2_RESOLUTION_MULTIPLE) for e in (height, width)))
+    raise ValueError(f"{where}: a Würstchen v2 prior latent of {width}x{height} gives a decoder latent of {d_w}x{d_h}, "
+                     f"but the decoder needs multiples of {multiple} (prior latent sides divisible by 3); make the "
+                     f"image {good[1]}x{good[0]} (any multiple of 128 works, e.g. 1024x1024)")
+
+
 # --------------------------------------------------------------------------------------------
 # Text
 
@@ -167,14 +180,14 @@ def encode_text_v2(text_encoder: nn.Module, prompts: Prompts, negative_prompts: 
     cond, _ = text_encoder.encode_prompts(prompts, weights=weights, long_prompts=long_prompts, embeddings=embeddings)
     uncond, _ = text_encoder.encode_prompts(negatives, weights=weights, long_prompts=long_prompts,
                                             embeddings=embeddings)
-    cond, uncond = _match_lengths(cond.float().cpu(), uncond.float().cpu())
+    cond, uncond = match_lengths(cond.float().cpu(), uncond.float().cpu())
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
     return V2Text(cond.repeat_interleave(num_images_per_prompt, dim=0),
                   uncond.repeat_interleave(num_images_per_prompt, dim=0))
 
 
-def _match_lengths(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def match_lengths(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Guidance batches both sides: repeat the shorter sequence's 77-token windows (long prompts)."""
     n = max(a.shape[1], b.shape[1])
 
@@ -212,6 +225,12 @@ class DecoderSettings:
 
     def grid(self) -> torch.Tensor:
         return uniform_timesteps(self.steps)
+
+
+def prior_steps(settings: PriorSettings, denoise: float = 1.0) -> int:
+    """How many steps :func:`sample_prior_v2` runs (img2img, ``denoise`` < 1: the grid below it)."""
+    grid = settings.grid()
+    return grid.numel() - 1 if denoise >= 1.0 else int((grid < denoise).sum())
 
 
 def _device(model: nn.Module) -> torch.device:
