@@ -175,6 +175,21 @@ def test_cli_with_both_or_neither_family(tmp_path, capsys):
     assert err.index("stage_c.safetensors") < err.index("model_v3_stage_c.pt")
 
 
+def test_an_incomplete_other_family_is_named_when_one_is_picked(tmp_path):
+    """A broken Stable Cascade file beside a complete v2 set: v2 is used, and the note says why."""
+    root = tmp_path / "both"
+    tiny.write_tiny_models(root)
+    for name in ("stage_b_bf16.safetensors", "stage_b_lite.safetensors", "stage_b_lite_bf16.safetensors",
+                 "stable_cascade_stage_b.safetensors"):
+        (root / name).unlink()
+    raw = (root / "stage_b.safetensors").read_bytes()
+    (root / "stage_b.safetensors").write_bytes(raw[:-100])
+    family, note = CascadeFiles.from_dir(root).choose_family(root)
+    assert family == kinds.WUERSTCHEN_V2
+    assert "Stable Cascade (Würstchen v3) set here is incomplete (missing: Stage B" in note
+    assert "stage_b.safetensors" in note and "truncated" in note and "--family v3" in note
+
+
 def test_cli_defaults_are_each_familys_official_ones():
     from wuerstchen.pipeline import StageBSettings, StageCSettings
 

@@ -128,7 +128,7 @@ class CascadeFiles:
             return requested, None
         complete = self.complete_families()
         if len(complete) == 1:
-            return complete[0], None
+            return complete[0], self._partial_note(complete[0])
         if complete:
             other = [f for f in complete if f != kind_table.STABLE_CASCADE]
             return kind_table.STABLE_CASCADE, (
@@ -143,6 +143,28 @@ class CascadeFiles:
             lines += self._missing_lines(self.missing(fam.text_to_image), fam.name)
         lines.append(_PUT_THEM_ANYWHERE.format(root=root))
         raise MissingWeightsError("\n".join(lines))
+
+
+    def _partial_note(self, chosen: str) -> Optional[str]:
+        """When another family's files are here too but its set is incomplete, say so (a broken or
+        missing file there would otherwise silently switch the family)."""
+        notes = []
+        for fam in kind_table.FAMILIES.values():
+            if fam.name == chosen:
+                continue
+            own = [k for k in fam.text_to_image if kind_table.get(k).family == fam.name]
+            present = [k for k in own if k in self.parts or skipped_for(self.skipped, k)]
+            if not present:
+                continue
+            missing = self.missing(fam.text_to_image)
+            broken = [s.describe() for k in missing for s in skipped_for(self.skipped, k)]
+            notes.append(f"the {fam.title} set here is incomplete (missing: "
+                         + ", ".join(kind_table.title(k) for k in missing) + ")"
+                         + (f"; {'; '.join(broken)}" if broken else "")
+                         + f"; pass --family {fam.short} to see what it needs")
+        if not notes:
+            return None
+        return f"using {kind_table.family_title(chosen)}: " + "; ".join(notes)
 
 
 _PUT_THEM_ANYWHERE = ("Put the files anywhere under {root} (sub-folders are fine); they are recognised by their "
