@@ -125,6 +125,10 @@ def test_img2img_with_the_v2_semantic_compressor(graph):
         ref_latent = v2.encode_semantic_v2(effnet.module, picture.permute(0, 3, 1, 2), (6, 6))
     assert torch.allclose(encoded["samples"], ref_latent, atol=1e-6)
     ref_latent = encoded["samples"]
+    # any picture size: its latent sides are rounded to a multiple of 3 (300 px wide: ceil(7.03) = 8 -> 9)
+    (odd,) = run("WuerstchenSemanticEncode", semantic_compressor=effnet, image=picture[:, :128, :1].expand(1, 128, 300, 3),
+                 compression=42.67)
+    assert odd["samples"].shape[-2:] == (3, 9)
     got = prior_sampler(g["prior"], g["prior_pos"], g["prior_neg"], encoded, seed=5, denoise=0.5)["samples"]
     with torch.no_grad():
         text = v2.encode_text_v2(g["prior_clip"].module, "a penguin", "")

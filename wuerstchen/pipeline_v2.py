@@ -119,14 +119,19 @@ def check_size_v2(height: int, width: int, multiple: int = DECODER_SIZE_MULTIPLE
             f"divisible by 3); use {nearest[1]}x{nearest[0]} (any multiple of 128 works)")
 
 
+def nearest_working_latent(height: int, width: int) -> Tuple[int, int]:
+    """The prior latent size nearest to ``height × width`` that the released decoder can take
+    (sides divisible by 3), e.g. for encoding an image of any size for img2img."""
+    return tuple(3 * max(1, round(e / 3)) for e in (height, width))
+
+
 def check_prior_latent_v2(height: int, width: int, multiple: int = DECODER_SIZE_MULTIPLE, where: str = "latent") -> None:
     """Raise a one-line ValueError when a prior latent of ``height × width`` would give a decoder
     latent the decoder cannot take (sides divisible by 3 work), naming image sizes that work."""
     d_h, d_w = decoder_latent_size(height, width)
     if height >= 1 and width >= 1 and not (d_h % multiple or d_w % multiple):
         return
-    near = lambda e: 3 * max(1, round(e / 3))  # noqa: E731
-    good = output_size(*(math.floor((near(e) - 0.5) * V2_RESOLUTION_MULTIPLE) for e in (height, width)))
+    good = output_size(*(math.floor((e - 0.5) * V2_RESOLUTION_MULTIPLE) for e in nearest_working_latent(height, width)))
     raise ValueError(f"{where}: a Würstchen v2 prior latent of {width}x{height} gives a decoder latent of {d_w}x{d_h}, "
                      f"but the decoder needs multiples of {multiple} (prior latent sides divisible by 3); make the "
                      f"image {good[1]}x{good[0]} (any multiple of 128 works, e.g. 1024x1024)")
