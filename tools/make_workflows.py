@@ -418,16 +418,16 @@ V2_FILES = dict(prior="wuerstchen-prior/prior/diffusion_pytorch_model.safetensor
 
 
 def _v2_models(wf: Workflow):
-    prior = wf.add("WuerstchenStageCLoader", 0, "Würstchen v2 models", title="Würstchen v2 prior", width=420,
+    prior = wf.add("WuerstchenStageCLoader", 0, "Würstchen v2 models", title="Würstchen v2 prior", width=480,
                    model_name=V2_FILES["prior"])
-    decoder = wf.add("WuerstchenStageBLoader", 0, "Würstchen v2 models", title="Würstchen v2 decoder", width=420,
+    decoder = wf.add("WuerstchenStageBLoader", 0, "Würstchen v2 models", title="Würstchen v2 decoder", width=480,
                      model_name=V2_FILES["decoder"])
-    vqgan = wf.add("WuerstchenStageALoader", 0, "Würstchen v2 models", title="VQGAN", width=420,
+    vqgan = wf.add("WuerstchenStageALoader", 0, "Würstchen v2 models", title="VQGAN", width=480,
                    model_name=V2_FILES["vqgan"])
     prior_clip = wf.add("WuerstchenCLIPTextLoader", 0, "Würstchen v2 models", title="Prior text encoder (bigG)",
-                        width=420, model_name=V2_FILES["prior_text"])
+                        width=480, model_name=V2_FILES["prior_text"])
     decoder_clip = wf.add("WuerstchenCLIPTextLoader", 0, "Würstchen v2 models", title="Decoder text encoder (ViT-H)",
-                          width=420, model_name=V2_FILES["decoder_text"])
+                          width=480, model_name=V2_FILES["decoder_text"])
     return prior, decoder, vqgan, prior_clip, decoder_clip
 
 
@@ -486,7 +486,7 @@ def wuerstchen_v2_image_to_image() -> Workflow:
     wf = Workflow("wuerstchen_v2_image_to_image")
     models = _v2_models(wf)
     eff = wf.add("WuerstchenSemanticCompressorLoader", 0, "Würstchen v2 models", title="v2 semantic compressor",
-                 width=420, model_name=V2_FILES["effnet"])
+                 width=480, model_name=V2_FILES["effnet"])
     encodes = _v2_prompts(wf, models[3], models[4], 1)
     img = load_image(wf, 1, "Input image", "Input image")
     enc = wf.add("WuerstchenSemanticEncode", 1, "Input image")
