@@ -53,6 +53,16 @@ def test_both_release_layouts_load_to_the_same_network(v2_dir, kind, hub, origin
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_bin_revision_of_a_hub_file_loads_by_content(v2_dir, tmp_path):
+    """Some hub revisions ship only diffusion_pytorch_model.bin: a flat pickled dict, read weights_only."""
+    hub = checkpoints.load(v2_dir / "wuerstchen/decoder/diffusion_pytorch_model.safetensors", kinds=["v2_decoder"])
+    state = kinds.get("v2_decoder").spellings["diffusers"](hub.module.state_dict())
+    torch.save(dict(state), tmp_path / "diffusion_pytorch_model.bin")
+    loaded = checkpoints.load(tmp_path / "diffusion_pytorch_model.bin")
+    assert loaded.kind == "v2_decoder" and loaded.config == hub.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.module.state_dict().values(), hub.module.state_dict().values()))
+
+
 def test_reference_prior_loads_by_content_and_matches_the_hub_class(tmp_path):
     """The reference vector's weights (diffusers keys), saved as a renamed file with its config hint,
     load through detection and reproduce the recorded outputs; bf16 files stay bf16."""

@@ -5,6 +5,10 @@ module is built), the cascade's missing-weights message (titles, official file n
 download them), the model manager (which kinds need the fp16 overflow guard), ``tiny-models``
 (which files of which variant and dtype the release has) and the ComfyUI node host (which model
 folders a loader lists) all come from here, so a new kind of file is one entry in :data:`KINDS`.
+
+Two model families share the table: Stable Cascade and Würstchen v2 (:data:`FAMILIES`). A kind's
+``role`` says which place in a cascade it fills, so one loader takes both families' networks of that
+place (the Stage C loader takes the v2 prior); the VQGAN is one kind for both families.
 """
 
 from __future__ import annotations
