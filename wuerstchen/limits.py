@@ -100,14 +100,21 @@ def check_number(value, name: str, *, minimum: Optional[float] = None, maximum: 
     return int(number) if integer else number
 
 
+def _exceeds(value, maximum: float) -> bool:
+    try:
+        return float(value) > maximum
+    except (TypeError, ValueError):
+        return False
+
+
 def check_steps(steps, name: str = "steps", official=None) -> int:
-    return check_number(steps, name, minimum=1, maximum=MAX_STEPS, integer=True, official=official,
-                        hint="far beyond 100 steps the result no longer changes, only the time it takes")
+    hint = "far beyond 100 steps the result no longer changes, only the time it takes" if _exceeds(steps, MAX_STEPS) else ""
+    return check_number(steps, name, minimum=1, maximum=MAX_STEPS, integer=True, official=official, hint=hint)
 
 
 def check_batch(batch, name: str = "batch") -> int:
-    return check_number(batch, name, minimum=1, maximum=MAX_BATCH, integer=True,
-                        hint=f"every image of a batch is in memory at once; for more images, run again")
+    hint = "every image of a batch is in memory at once; for more images, run again" if _exceeds(batch, MAX_BATCH) else ""
+    return check_number(batch, name, minimum=1, maximum=MAX_BATCH, integer=True, hint=hint)
 
 
 def check_compression(compression, name: str = "compression") -> float:
