@@ -69,7 +69,8 @@ def read_image(path: os.PathLike | str, mode: str = "RGB", what: str = "image") 
                 picture.load()
                 arr = picture_to_array(picture, mode)
     except Image.DecompressionBombError as exc:
-        raise RequestError(f"{what} {str(path)!r}: too many pixels to read ({exc}); scale it down first") from None
+        raise RequestError(f"{what} {str(path)!r} has more than the {MAX_IMAGE_PIXELS // 1_000_000} megapixels read "
+                           f"here ({exc}); scale it down first") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         if isinstance(exc, RequestError):
             raise
