@@ -11,7 +11,7 @@ from wuerstchen.sampling import SAMPLERS
 
 from . import comfy_types as T
 from . import handles as H
-from .host import NodeError, Progress, manager, previews_enabled
+from .host import Progress, manager, previews_enabled
 from .loaders import require
 
 CATEGORY = "wuerstchen/sampling"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -341,14 +341,13 @@ def estimate(*, batch: int, size: Optional[Tuple[int, int]] = None,
     """The memory a request needs, part by part (the one estimate every entry point uses).
 
     ``stage_c`` / ``stage_b``: (model, latent (h, w), guided: cfg != 1) of a sampling stage;
-    ``stage_a``: (model, Stage B latent (h, w), tile: 0 = in one piece) of the decode; ``size``:
+    ``stage_a``: (model, Stage B latent (h, w), tile: 0 = in one piece) of a decode or encode; ``size``:
     the output pixels (H, W); ``semantic``: the Stage C latent an image is encoded to (its input is
     resized to 32x that). ``dtype`` is the weights' (default: the model's). Models may live on the
     meta device: only their shapes are read.
     """
     needs: List[Need] = []
-    for what, part, factor in (("Stage C sampling", stage_c, STAGE_C_ACTIVATIONS),
-                               ("Stage B sampling", stage_b, STAGE_B_ACTIVATIONS)):
+    for stage, part, factor in (("Stage C", stage_c, STAGE_C_ACTIVATIONS), ("Stage B", stage_b, STAGE_B_ACTIVATIONS)):
         if part is None:
             continue
         model, latent, guided = part
@@ -356,15 +355,15 @@ def estimate(*, batch: int, size: Optional[Tuple[int, int]] = None,
         if profile is None:  # not a Stage B/C build: nothing known about its activations
             continue
         channels = model.embedding[1].in_channels // (profile.patch ** 2)
-        needs.append(sampling_need(what, profile, batch, latent, channels, guided,
+        needs.append(sampling_need(f"{stage} sampling", profile, batch, latent, channels, guided,
                                    dtype or next(model.parameters()).dtype, factor))
-        needs.append(Need(f"{what.split(' sampling')[0]} latents", 3 * batch * channels * latent[0] * latent[1] * 4,
-                          on_host=True))
+        # the start noise, the result and its copy on the way back live in RAM as float32
+        needs.append(Need(f"{stage} latents", 3 * batch * channels * latent[0] * latent[1] * 4, on_host=True))
     if stage_a is not None and hasattr(stage_a[0], "in_block"):
         model, latent, tile = stage_a
         h, w = (min(latent[0], tile), min(latent[1], tile)) if tile else latent
         width = model.in_block[1].out_channels  # the widest level runs at twice the latent's resolution
-        needs.append(Need("Stage A decode", STAGE_A_ACTIVATIONS * batch * 4 * h * w * width *
+        needs.append(Need("Stage A (the VQGAN)", STAGE_A_ACTIVATIONS * batch * 4 * h * w * width *
                           _element_size(dtype or next(model.parameters()).dtype)))
     if size is not None:
         needs.append(Need("the images", 3 * batch * 3 * int(size[0]) * int(size[1]) * 4, on_host=True))
@@ -384,20 +383,18 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def check_memory(needs: Iterable[Need], device: torch.device | str, where: str, lever: str = "",
-                 capacity: Optional[Callable[[torch.device], Optional[int]]] = None) -> None:
+def check_memory(needs: Iterable[Need], device: torch.device | str, where: str, lever: str = "") -> None:
     """Refuse a request one of whose parts needs more memory than the machine has.
 
     Parts on the compute device are compared with ``device``'s total memory, parts in RAM with the
     machine's. ``where`` says what was asked (e.g. "1024x1024, batch 1, compression 0.01");
-    ``lever`` what the user can lower. ``capacity`` replaces :func:`device_memory` (tests).
+    ``lever`` what the user can lower.
     """
     device = torch.device(device)
-    capacity = capacity or device_memory
     worst = None
     for need in needs:
         target = torch.device("cpu") if need.on_host else device
-        have = capacity(target)
+        have = device_memory(target)
         if have is None or need.nbytes <= have:
             continue
         ratio = need.nbytes / have
