@@ -23,6 +23,7 @@ from wuerstchen.checkpoints import load
 from wuerstchen.limits import NonFiniteError, RequestError
 from wuerstchen.management import ModelManager
 from wuerstchen.models.controlnet import ControlNet
+from wuerstchen.models.effnet import EfficientNetEncoder
 from wuerstchen.models.stage_a import StageA
 from wuerstchen.models.stage_b import StageB
 from wuerstchen.models.stage_c import StageC
@@ -191,6 +192,9 @@ def test_non_finite_stage_b_and_stage_a_results_name_their_stage(cascade, prompt
         pipeline.decode_stage_a(sa, torch.zeros(1, 4, 16, 16))
     with pytest.raises(NonFiniteError, match="the Stage B latent given to Stage A"):
         pipeline.decode_stage_a(sa, torch.full((1, 4, 16, 16), float("nan")))
+    monkeypatch.setattr(EfficientNetEncoder, "forward", lambda self, x: torch.full((x.shape[0], 16, 2, 2), float("nan")))
+    with pytest.raises(NonFiniteError, match="The semantic encoder"):
+        pipeline.encode_semantic(cascade.model("effnet").module, torch.rand(1, 3, 64, 64))
 
 
 def test_what_to_try_follows_the_weights_dtype():

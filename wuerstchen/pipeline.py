@@ -549,7 +549,9 @@ def encode_stage_a(stage_a: nn.Module, images: torch.Tensor) -> torch.Tensor:
     limits.check_memory(limits.estimate(batch=batch, stage_a=(stage_a, (h // 4, w // 4), 0)), param.device,
                         f"Stage A encode of {w}x{h} images, batch {batch}", "encode smaller images")
     x = images[:, :, :h, :w].to(param.device, param.dtype)
-    return stage_a.encode(x, quantize=False)[0].float().cpu()
+    latent = stage_a.encode(x, quantize=False)[0].float()
+    limits.check_finite(latent, "Stage A encode", param.dtype)
+    return latent.cpu()
 
 
 def semantic_input(images: torch.Tensor, latent_size: Tuple[int, int]) -> torch.Tensor:
@@ -575,7 +577,9 @@ def encode_semantic(effnet: nn.Module, images: torch.Tensor, latent_size: Option
                         f"semantic encode to a {latent_size[1]}x{latent_size[0]} latent, batch {batch}",
                         "raise the compression or encode smaller images")
     x = semantic_input(images, latent_size).to(param.device, param.dtype)
-    return effnet(x).float().cpu()
+    latent = effnet(x).float()
+    limits.check_finite(latent, "The semantic encoder (EfficientNet)", param.dtype)
+    return latent.cpu()
 
 
 @torch.no_grad()
