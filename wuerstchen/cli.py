@@ -16,8 +16,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-          "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+from .management import WEIGHT_DTYPES
 
 
 class UsageError(ValueError):
@@ -66,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint), for --control inpainting")
     g.add_argument("--stage-c-variant", choices=["full", "lite"], default=None)
     g.add_argument("--stage-b-variant", choices=["full", "lite"], default=None)
-    g.add_argument("--dtype", choices=list(DTYPES), default="auto",
+    g.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="auto",
                    help="weights dtype; fp8_*: Stage B/C matrix weights in 8 bits, computed in the auto dtype")
     g.add_argument("--vram-budget", type=_gib, default=None, metavar="GB",
                    help="GiB of weights kept on the GPU at once; a larger stage streams its blocks (default: "
@@ -198,7 +197,7 @@ def cmd_generate(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     files = CascadeFiles.from_dir(args.models, args.stage_c_variant, args.stage_b_variant)
-    manager = ModelManager(dtype=DTYPES[args.dtype], device=args.device, memory_budget=args.vram_budget)
+    manager = ModelManager(dtype=WEIGHT_DTYPES[args.dtype], device=args.device, memory_budget=args.vram_budget)
     embeddings = args.embeddings or str(Path(args.models) / "embeddings")
     cascade = Cascade(files, manager, root=args.models, embeddings=embeddings)
     stage_c = StageCSettings(steps=args.c_steps, cfg=args.c_cfg, shift=args.c_shift, sampler=args.sampler,
