@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from wuerstchen import kinds
 from wuerstchen.checkpoints import CheckpointError
 from wuerstchen.management import WEIGHT_DTYPES
