@@ -1,6 +1,6 @@
 """Everything the nodes need from their host: ComfyUI when it is there, plain fallbacks when not.
 
-Model folders, the shared model manager (with ComfyUI's device choice, memory freeing and
+Model folders, the shared model manager (with ComfyUI's device choice, its memory manager and
 Cancel button plugged in), progress bars with live previews. Without ComfyUI (tests, scripts)
 the model folders are the ComfyUI-style sub-folders of one root (``WUERSTCHEN_MODELS_DIR`` or
 :func:`configure`), and progress goes nowhere.
@@ -9,7 +9,7 @@ the model folders are the ComfyUI-style sub-folders of one root (``WUERSTCHEN_MO
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -51,16 +51,16 @@ class NodeError(ValueError):
 
 
 class ComfyHooks(ManagerHooks):
-    """The model manager's integration points, answered by ComfyUI."""
+    """The model manager's integration points, answered by ComfyUI. What stays on the GPU is
+    ComfyUI's call: our networks are models in its memory manager (nodes/comfy_memory.py), loaded
+    whole or partly (the rest streamed) in the room it grants, as its --lowvram/--novram modes
+    and its free memory allow, and unloaded when it needs the room or is told to free memory."""
 
     def compute_device(self) -> torch.device:
         return comfy_mm.get_torch_device()
 
     def offload_device(self) -> torch.device:
         return comfy_mm.unet_offload_device()
-
-    def free_memory(self, nbytes: int, device: torch.device) -> None:
-        comfy_mm.free_memory(nbytes, device)
 
     def check_interrupt(self) -> None:
         comfy_mm.throw_exception_if_processing_interrupted()
@@ -70,9 +70,10 @@ class ComfyHooks(ManagerHooks):
             return False
         return bool(comfy_mm.should_use_bf16(device))
 
-    def keep_resident(self) -> bool:
-        low = {getattr(comfy_mm.VRAMState, n) for n in ("LOW_VRAM", "NO_VRAM", "DISABLED") if hasattr(comfy_mm.VRAMState, n)}
-        return comfy_mm.vram_state not in low
+    def placer(self, manager: ModelManager):
+        from .comfy_memory import ComfyPlacer
+
+        return ComfyPlacer(manager)
 
 
 @dataclass
@@ -81,7 +82,6 @@ class PackState:
 
     manager: ModelManager
     models_root: Optional[Path] = None
-    extra_folders: Dict[str, List[Path]] = field(default_factory=dict)
 
 
 def _make_state() -> PackState:
@@ -136,13 +136,13 @@ def _folder_dirs(folder: str) -> List[Path]:
 
 
 def _list_dir(directory: Path) -> List[str]:
+    """Model files below ``directory`` (symlinked files and folders followed, loops cut)."""
+    from wuerstchen.model_files import is_regular_file, walk
+
     if not directory.is_dir():
         return []
-    names = []
-    for path in directory.rglob("*"):
-        if path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS:
-            names.append(path.relative_to(directory).as_posix())
-    return names
+    return [path.relative_to(directory).as_posix() for path in walk(directory, MODEL_EXTENSIONS)
+            if is_regular_file(path)]
 
 
 _KIND_CACHE: Dict[tuple, Optional[set]] = {}
@@ -151,10 +151,10 @@ _KIND_CACHE: Dict[tuple, Optional[set]] = {}
 def _kinds_in(path: Path) -> Optional[set]:
     """Kinds of network a file holds ({'lora'} for LoRAs), from its header; None if unreadable."""
     try:
-        st = path.stat()
+        st = path.stat()  # follows symlinks: a changed link target is a changed file
     except OSError:
         return None
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _KIND_CACHE:
         from wuerstchen.checkpoints import inspect
         from wuerstchen.lora.formats import looks_like_lora
@@ -206,19 +206,30 @@ def list_models(role: str) -> List[str]:
 
 
 def resolve_model(role: str, name: str) -> Path:
-    """The file behind a name from :func:`list_models`; never a path outside the model folders."""
-    if not name or name.startswith("(") or os.path.isabs(name) or ".." in Path(name).parts:
+    """The file behind a name from :func:`list_models`; never a name outside the model folders.
+
+    The name itself must stay inside a model folder (no absolute paths, no ``..``) and be a
+    model file name; what it is a symlink to is the user's choice (a shared model store), so
+    links are followed. The path is returned as spelled under the folder, so its name and
+    suffix are the listed ones, not a link target's (a hub cache blob has no suffix).
+    """
+    from wuerstchen.weights_io import WeightFileError, check_regular_file
+
+    parts = Path(name).parts if name else ()
+    if (not name or "\0" in name or name.startswith("(") or os.path.isabs(name) or ".." in parts
+            or not name.lower().endswith(MODEL_EXTENSIONS)):
         raise NodeError(f"{name!r} is not a model file from the list; pick one of the files in the model folders "
                         f"({', '.join(FOLDERS[role])})")
     for folder in FOLDERS[role]:
         for directory in _folder_dirs(folder):
-            candidate = (directory / name).resolve()
-            try:
-                candidate.relative_to(directory.resolve())
-            except ValueError:
+            candidate = directory / name
+            if not os.path.lexists(candidate):
                 continue
-            if candidate.is_file():
-                return candidate
+            try:
+                check_regular_file(candidate)
+            except WeightFileError as exc:
+                raise NodeError(f"model file {name!r} in {directory}: {exc.reason}") from None
+            return candidate
     raise NodeError(f"model file {name!r} was not found in the model folders for this loader "
                     f"({', '.join(FOLDERS[role])}, plus models/{OWN_FOLDER})")
 
@@ -263,8 +274,3 @@ def previews_enabled() -> bool:
         return args.preview_method != LatentPreviewMethod.NoPreviews
     except Exception:  # older/newer ComfyUI without these names: show previews
         return True
-
-
-def interrupted_check() -> None:
-    if IN_COMFYUI:
-        comfy_mm.throw_exception_if_processing_interrupted()

@@ -55,9 +55,11 @@ def test_cache_budget_drops_the_least_recently_used_file(tiny_dir):
 def test_cache_budget_never_drops_a_running_model(tiny_dir):
     mgr = ModelManager(cache_budget=1, device="cpu")
     running = mgr.load(tiny_dir / "stage_c.safetensors", ["stage_c"], torch.float32)
-    mgr._resident[id(running.module)] = running  # as while it runs on an accelerator
-    mgr.load(tiny_dir / "stage_b.safetensors", ["stage_b"], torch.float32)
-    assert running in mgr.cached()
+    with mgr.running(running):
+        mgr.load(tiny_dir / "stage_b.safetensors", ["stage_b"], torch.float32)
+        assert running in mgr.cached()
+    mgr.load(tiny_dir / "stage_c_lite.safetensors", ["stage_c"], torch.float32)
+    assert running not in mgr.cached()  # once it has run, it may go
 
 
 def test_a_changed_file_replaces_its_stale_entry(tiny_dir, tmp_path):

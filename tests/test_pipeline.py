@@ -139,15 +139,12 @@ def test_manager_caches_and_guards_fp16(tiny_dir):
 
 def test_manager_offloads_the_previous_stage(tiny_dir, monkeypatch):
     """On an accelerator only the running stage stays on it (peak memory = the largest stage)."""
-    from wuerstchen import management
-
     placed = {}
 
     def fake_to(self, device, *args, **kwargs):
         placed[id(self)] = torch.device(device)
         return self
 
-    monkeypatch.setattr(management, "module_device", lambda m: placed.get(id(m), torch.device("cpu")))
     mgr = ModelManager(device="cuda")
     c = mgr.load(tiny_dir / "stage_c.safetensors", ["stage_c"], torch.float32)
     b = mgr.load(tiny_dir / "stage_b.safetensors", ["stage_b"], torch.float32)
@@ -166,10 +163,7 @@ def test_manager_offloads_the_previous_stage(tiny_dir, monkeypatch):
 
 
 def test_manager_offloads_right_after_running_in_low_vram_mode(tiny_dir, monkeypatch):
-    from wuerstchen import management
-
     placed = {}
-    monkeypatch.setattr(management, "module_device", lambda m: placed.get(id(m), torch.device("cpu")))
     mgr = ModelManager(device="cuda")
     monkeypatch.setattr(mgr.hooks, "keep_resident", lambda: False)
     monkeypatch.setattr(mgr.hooks, "free_memory", lambda n, d: None)

@@ -6,6 +6,7 @@ official release, ComfyUI's single-file checkpoints, or renamed files all work.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,11 @@ from . import kinds as kind_table
 from .checkpoints import LoadedModel, build_module, inspect
 from .control import Control
 from .management import ModelManager
+from .model_files import SkippedFile, skipped_for, walk
 from .pipeline import Conditioning, LoraUse, StageBSettings, StageCSettings
-from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightFileError
+
+
+logger = logging.getLogger("wuerstchen")
 
 
 IMAGE_MODES = ("img2img", "variation")
@@ -29,18 +33,26 @@ class MissingWeightsError(FileNotFoundError):
     pass
 
 
-def scan_models(root: os.PathLike | str) -> Dict[str, List[tuple]]:
-    """Every usable network below ``root``: kind -> [(path, detection)], unreadable files skipped."""
+def scan_models(root: os.PathLike | str, skipped: Optional[list] = None) -> Dict[str, List[tuple]]:
+    """Every usable network below ``root``: kind -> [(path, detection)]; symlinks are followed.
+
+    A file that cannot be used (corrupt, truncated, a FIFO, a symlink loop, ...) never ends the
+    scan: it is skipped with a logged warning naming it and why, and recorded in ``skipped`` (a
+    list of :class:`~wuerstchen.model_files.SkippedFile`) when one is given, so a missing-weights
+    message can say "stage_b.safetensors was found but is truncated" instead of "missing".
+    """
     root = Path(root)
     found: Dict[str, List[tuple]] = {}
     if not root.exists():
         return found
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
-            continue
+    for path in walk(root):
         try:
             dets = inspect(path)
-        except (WeightFileError, ValueError):
+        except Exception as exc:  # noqa: BLE001 - one bad file must not hide the good ones
+            record = SkippedFile.from_error(path, exc)
+            logger.warning("skipped %s: %s", path, record.reason)
+            if skipped is not None:
+                skipped.append(record)
             continue
         for det in dets:
             found.setdefault(det.kind, []).append((path, det))
@@ -66,11 +78,13 @@ def _prefer(entries: List[tuple], variant: Optional[str]) -> tuple:
 class CascadeFiles:
     parts: Dict[str, tuple] = field(default_factory=dict)  # kind -> (path, detection)
     controlnets: Dict[str, Path] = field(default_factory=dict)  # ControlNet variant -> file
+    skipped: List[SkippedFile] = field(default_factory=list)  # files found but unusable, and why
 
     @classmethod
     def from_dir(cls, root: os.PathLike | str, stage_c_variant: Optional[str] = None,
                  stage_b_variant: Optional[str] = None) -> "CascadeFiles":
-        found = scan_models(root)
+        skipped: List[SkippedFile] = []
+        found = scan_models(root, skipped)
         parts = {}
         for kind, entries in found.items():
             variant = {"stage_c": stage_c_variant, "stage_b": stage_b_variant}.get(kind)
@@ -78,7 +92,7 @@ class CascadeFiles:
         controlnets: Dict[str, Path] = {}
         for path, det in sorted(found.get("controlnet", []), key=lambda e: (e[1].prefix != "", str(e[0]))):
             controlnets.setdefault(det.variant, path)
-        return cls(parts, controlnets)
+        return cls(parts, controlnets, skipped)
 
     def require(self, kinds: Sequence[str], root: os.PathLike | str) -> None:
         missing = [k for k in kinds if k not in self.parts]
@@ -89,6 +103,7 @@ class CascadeFiles:
             kind = kind_table.get(k)
             purpose = f" ({kind.purpose})" if kind.purpose else ""
             lines.append(f"  - {kind.title}{purpose}: one of {kind.file_names()}  (download from {kind.download})")
+            lines.extend(f"    {s.describe()}" for s in skipped_for(self.skipped, k))
         lines.append(f"Put the files anywhere under {root} (sub-folders are fine); they are recognised by "
                      "their contents, not their names. ComfyUI users can point --models at ComfyUI/models.")
         raise MissingWeightsError("\n".join(lines))

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import kinds as kind_table
 from .layouts import LayoutError, Shapes
+from .models.ops import fp8_weight_names, is_fp8
 from .weights_io import WeightFileError, WeightSource
 
 CONFIG_METADATA_KEY = "wuerstchen_config"
@@ -58,7 +59,8 @@ class LoadedModel:
     config: dict
     module: nn.Module
     path: Optional[Path] = None
-    dtype: Optional[torch.dtype] = None
+    dtype: Optional[torch.dtype] = None  # the weights' dtype (fp8 when its matrix weights are stored so)
+    compute_dtype: Optional[torch.dtype] = None  # the dtype it computes in (its norms', biases')
 
     @property
     def title(self) -> str:
@@ -238,9 +240,10 @@ def load(
     kinds: Optional[Sequence[str]] = None,
     dtype: Optional[torch.dtype] = None,
     device: torch.device | str = "cpu",
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> LoadedModel:
     """Load the one network of ``kinds`` (any known kind if None) that the file holds."""
-    parts = load_parts(path, kinds=kinds, dtype=dtype, device=device)
+    parts = load_parts(path, kinds=kinds, dtype=dtype, device=device, compute_dtype=compute_dtype)
     if kinds:
         for k in kinds:
             if k in parts:
@@ -254,9 +257,17 @@ def load_parts(
     kinds: Optional[Sequence[str]] = None,
     dtype: Optional[torch.dtype] = None,
     device: torch.device | str = "cpu",
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, LoadedModel]:
-    """Load every network of ``kinds`` found in the file (combined checkpoints hold several)."""
+    """Load every network of ``kinds`` found in the file (combined checkpoints hold several).
+
+    An fp8 ``dtype`` stores the matrix weights (:func:`~wuerstchen.models.ops.fp8_weight_names`)
+    of kinds marked ``fp8`` in fp8 and everything else in ``compute_dtype`` (float32 if None);
+    kinds that cannot compute from fp8 weights load wholly in ``compute_dtype``.
+    """
     path = Path(path)
+    if dtype is not None and is_fp8(dtype) and compute_dtype is None:
+        compute_dtype = torch.float32
     try:
         src = WeightSource(path)
     except WeightFileError as exc:
@@ -281,7 +292,15 @@ def load_parts(
     for det in wanted:
         if det.kind in loaded:
             continue
-        loaded[det.kind] = _load_detection(src, path, shapes, det, dtype, device)
+        fp8 = dtype is not None and is_fp8(dtype)
+        try:  # wrong dtypes, NaN/inf values, a file cut short while reading
+            if fp8 and not kind_table.get(det.kind).fp8:
+                loaded[det.kind] = _load_detection(src, path, shapes, det, compute_dtype, device)
+            else:
+                loaded[det.kind] = _load_detection(src, path, shapes, det, dtype, device,
+                                                   compute_dtype if fp8 else None)
+        except WeightFileError as exc:
+            raise CheckpointError(str(exc)) from None
     return loaded
 
 
@@ -294,10 +313,15 @@ def _read_network(src: WeightSource, shapes: Shapes, det: Detection, keys: Seque
     return tensors
 
 
-def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detection, dtype, device) -> LoadedModel:
+def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detection, dtype, device,
+                    compute_dtype=None) -> LoadedModel:
+    """Build the detected network and fill it from the file; with ``compute_dtype`` (fp8 storage)
+    only its matrix weights are read in ``dtype``, the rest in ``compute_dtype``."""
     kind = kind_table.get(det.kind)
     own_keys = [k for k in _strip(shapes, det.prefix)]
     if kind.from_state_dict is not None:
+        src.check_floating([det.prefix + k for k in own_keys if not _ignorable(k)]
+                           + [key for key, _ in det.siblings.values()], det.title)
         sd = _read_network(src, shapes, det, own_keys, dtype, device)
         try:
             module = kind.from_state_dict(sd, dtype, device, det.config)
@@ -320,11 +344,16 @@ def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detectio
                 for k in module_keys}
     renamed = {next((m for m, f in file_key.items() if f == k), k): v for k, v in sub_shapes.items()}
     _check_shapes(module, {k: v for k, v in renamed.items() if not _ignorable(k)}, path.name, det.title)
-    raw = _read_network(src, shapes, det, [file_key[k] for k in module_keys], dtype, device)
+    expected = module.state_dict()
+    src.check_floating([det.prefix + file_key[k] for k in module_keys if expected[k].is_floating_point()], det.title)
+    low = set(fp8_weight_names(module)) if compute_dtype is not None else set()
+    raw = _read_network(src, shapes, det, [file_key[k] for k in module_keys if k not in low], compute_dtype or dtype, device)
+    if low:
+        raw.update(_read_network(src, shapes, det, [file_key[k] for k in module_keys if k in low], dtype, device))
     sd = {k: raw[file_key[k]] for k in module_keys}
     module.load_state_dict(sd, strict=True, assign=True)
     _require_filled_buffers(module)
-    return _finish(LoadedModel(det.kind, det.variant, det.config, module, path), dtype)
+    return _finish(LoadedModel(det.kind, det.variant, det.config, module, path), dtype, compute_dtype)
 
 
 # Our key -> another layout's spelling of the same tensor.
@@ -343,9 +372,10 @@ def _require_filled_buffers(module: nn.Module) -> None:
                 raise CheckpointError(f"buffer {name} of {type(mod).__name__} was not filled from the file")
 
 
-def _finish(model: LoadedModel, dtype) -> LoadedModel:
+def _finish(model: LoadedModel, dtype, compute_dtype=None) -> LoadedModel:
     model.module.eval()
     model.module.requires_grad_(False)
     first = next((p for p in model.module.parameters()), None)
-    model.dtype = first.dtype if first is not None else dtype
+    model.dtype = dtype if compute_dtype is not None else first.dtype if first is not None else dtype
+    model.compute_dtype = compute_dtype or model.dtype
     return model

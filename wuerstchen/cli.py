@@ -22,7 +22,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .management import WEIGHT_DTYPES
+
 IMG2IMG_DENOISE = 0.6  # the official notebook's img2img strength
 # The flags that set each stage's sampler settings (named in refusals).
 STAGE_C_FLAGS = {"steps": "--c-steps", "cfg": "--c-cfg", "shift": "--c-shift", "cfg_rho": "--cfg-rho",
@@ -78,13 +79,27 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint), for --control inpainting")
     g.add_argument("--stage-c-variant", choices=["full", "lite"], default=None)
     g.add_argument("--stage-b-variant", choices=["full", "lite"], default=None)
-    g.add_argument("--dtype", choices=list(DTYPES), default="auto")
+    g.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="auto",
+                   help="weights dtype; fp8_*: Stage B/C matrix weights in 8 bits, computed in the auto dtype")
+    g.add_argument("--vram-budget", type=_gib, default=None, metavar="GB",
+                   help="GiB of weights kept on the GPU at once; a larger stage streams its blocks (default: "
+                        "as much as is free)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
 
     t = sub.add_parser("tiny-models", help="write tiny random checkpoints in every official layout (smoke tests)")
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _gib(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB (e.g. 4 or 5.5), got {text!r}")
+    return int(value * (1 << 30))
 
 
 def _load_image(path: str, mode: str = "RGB", what: str = "--image") -> torch.Tensor:
@@ -284,7 +299,7 @@ def cmd_generate(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     files = CascadeFiles.from_dir(args.models, args.stage_c_variant, args.stage_b_variant)
-    manager = ModelManager(dtype=DTYPES[args.dtype], device=args.device)
+    manager = ModelManager(dtype=WEIGHT_DTYPES[args.dtype], device=args.device, memory_budget=args.vram_budget)
     embeddings = args.embeddings or str(Path(args.models) / "embeddings")
     cascade = Cascade(files, manager, root=args.models, embeddings=embeddings)
     bars = {}

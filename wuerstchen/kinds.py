@@ -64,6 +64,7 @@ class ModelKind:
     purpose: str = ""
     family: str = STABLE_CASCADE
     fp16_guard: bool = False
+    fp8: bool = False  # may store its matrix weights in fp8: its layers upcast them as they run (models/ops.py)
     folders: Tuple[str, ...] = ()
     anywhere: bool = False
     siblings: Tuple[Tuple[str, bool], ...] = ()
@@ -120,7 +121,7 @@ _KIND_LIST = (
         markers=(("clip_txt_mapper.weight", "clip_img_mapper.weight", "embedding.1.weight"),),
         layout=layouts.stage_c, configs=configs.STAGE_C, build=lambda cfg: _models().StageC(**cfg),
         variant_titles={"full": "Stage C (3.6B)", "lite": "Stage C lite (1B)"},
-        fp16_guard=True, folders=("diffusion_models", "checkpoints"),
+        fp16_guard=True, fp8=True, folders=("diffusion_models", "checkpoints"),
     ),
     ModelKind(
         "stage_b", "Stage B (latent decoder)",
@@ -130,7 +131,7 @@ _KIND_LIST = (
         markers=(("effnet_mapper.0.weight", "pixels_mapper.0.weight", "clip_mapper.weight"),),
         layout=layouts.stage_b, configs=configs.STAGE_B, build=lambda cfg: _models().StageB(**cfg),
         variant_titles={"full": "Stage B (3B / 1.5B params)", "lite": "Stage B lite (700M)"},
-        fp16_guard=True, folders=("diffusion_models", "checkpoints"),
+        fp16_guard=True, fp8=True, folders=("diffusion_models", "checkpoints"),
     ),
     ModelKind(
         "stage_a", "Stage A (VQGAN)",

@@ -3,8 +3,10 @@
 Why one layer: Stage C (3.6B), Stage B (1.5B), the CLIP towers and the VQGAN do not fit a
 consumer GPU together. The manager keeps loaded models cached on the offload device (CPU RAM),
 puts a model on the compute device only while it runs, and first evicts the others, so peak GPU
-memory is about the largest stage rather than the sum. A host application (ComfyUI) plugs in its
-device choice, memory freeing and interruption through :class:`ManagerHooks`.
+memory is about the largest stage rather than the sum; a stage larger than the room it gets runs
+with its blocks streamed (:mod:`wuerstchen.streaming`). A host application (ComfyUI) plugs in its
+device choice, memory freeing, interruption and its own memory manager through
+:class:`ManagerHooks`.
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import kinds
 from .checkpoints import LoadedModel, inspect, load_parts
+from .models.ops import is_fp8
+from .streaming import Placement, Transfers, module_bytes
 from .weights_io import WeightSource
+
+#: Room left for activations when the weight budget comes from the free memory of a CUDA device.
+ACTIVATION_RESERVE = 2 << 30
+
 
 class ManagerHooks:
     """Integration points; the defaults are for plain Python and the CLI."""
@@ -40,7 +48,8 @@ class ManagerHooks:
         return torch.device("cpu")
 
     def free_memory(self, nbytes: int, device: torch.device) -> None:
-        """Ask the host to make ``nbytes`` available on ``device`` (ComfyUI unloads its models)."""
+        """Ask the host to make ``nbytes`` available on ``device`` before the manager places
+        models itself (hosts with a memory manager place them through :meth:`placer` instead)."""
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -57,20 +66,109 @@ class ManagerHooks:
         (low-VRAM setups, where other programs' models need the room)."""
         return True
 
-
-def module_bytes(module: nn.Module) -> int:
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        total += t.numel() * t.element_size()
-    return total
+    def placer(self, manager: "ModelManager") -> "Placer":
+        """Who decides what stays on the compute device: the manager's own policy, or the host's
+        memory manager (ComfyUI's), which then sees, counts and evicts our networks like its own."""
+        return LocalPlacer(manager)
 
 
-def module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
+class Placer:
+    """Puts the networks a run needs on the compute device (:meth:`acquire`) and decides what
+    happens to them after it (:meth:`release`). Each network is a :class:`Placement`."""
+
+    def acquire(self, placements: Sequence[Placement], device: torch.device) -> None:
+        raise NotImplementedError
+
+    def release(self, placements: Sequence[Placement]) -> None:
+        """The run that needed ``placements`` is over (they may stay on the device)."""
+
+    def forget(self, placement: Placement) -> None:
+        """The cache dropped this network: take it off the device and out of any bookkeeping."""
+        placement.unload()
+
+    def offload_all(self) -> None:
+        raise NotImplementedError
+
+
+class LocalPlacer(Placer):
+    """The manager's own policy (plain Python, the CLI): placed networks stay on the device in LRU
+    order within ``memory_budget`` (None: only the running set stays), until ``keep_resident``
+    says otherwise. The room a run gets is the budget (or, on CUDA without one, the free memory
+    less :data:`ACTIVATION_RESERVE`); a network that does not fit streams its blocks."""
+
+    def __init__(self, manager: "ModelManager"):
+        self.manager = manager
+        self.placed: "OrderedDict[int, Placement]" = OrderedDict()
+
+    def acquire(self, placements, device):
+        if not self.manager.transfers(device).moves:
+            return
+        keep = {id(p) for p in placements}
+        needed = sum(p.total_bytes - p.loaded_bytes for p in placements)
+        self._evict(needed, keep, device)
+        if needed:
+            self.manager.hooks.free_memory(needed, device)
+        budget = self._room(placements, keep, device)
+        if budget is None or sum(p.total_bytes for p in placements) <= budget:
+            for p in placements:
+                p.load(device)
+        else:
+            fixed = [p for p in placements if not p.streamable]
+            room = budget - sum(p.total_bytes for p in fixed)
+            for p in fixed:
+                p.load(device)
+            for p in sorted((p for p in placements if p.streamable), key=lambda p: -p.total_bytes):
+                room -= p.load(device, max(room, 0))
+        for p in placements:
+            self.placed[id(p)] = p
+            self.placed.move_to_end(id(p))
+
+    def _room(self, placements, keep, device) -> Optional[int]:
+        if self.manager.memory_budget is not None:
+            others = sum(p.loaded_bytes for i, p in self.placed.items() if i not in keep)
+            return max(self.manager.memory_budget - others, 0)
+        if device.type == "cuda" and torch.cuda.is_available():
+            free, _total = torch.cuda.mem_get_info(device)
+            return max(free + sum(p.loaded_bytes for p in placements) - ACTIVATION_RESERVE, 0)
+        return None
+
+    def _evict(self, needed: int, keep: set, device: torch.device) -> None:
+        budget = self.manager.memory_budget
+        placed_bytes = sum(p.loaded_bytes for p in self.placed.values())
+        for pid in list(self.placed):
+            if pid in keep or self.manager.is_running(self.placed[pid].module):
+                continue
+            if budget is not None and placed_bytes + needed <= budget:
+                break
+            placement = self.placed.pop(pid)
+            placed_bytes -= placement.loaded_bytes
+            placement.unload()
+        if device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def release(self, placements):
+        if self.manager.hooks.keep_resident():
+            return
+        for p in placements:
+            self.placed.pop(id(p), None)
+            p.unload()
+
+    def forget(self, placement):
+        self.placed.pop(id(placement), None)
+        placement.unload()
+
+    def offload_all(self):
+        for placement in self.placed.values():
+            placement.unload()
+        self.placed.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# The weight dtypes a user can choose, by the names the CLI and the loader nodes show. New choices go
+# at the end: saved ComfyUI workflows store the choice by name and keep working.
+WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def physical_memory() -> Optional[int]:
@@ -113,22 +211,35 @@ class ModelManager:
     loader and a single-file checkpoint loader on the same file share the Stage C module). The
     cache on the offload device is bounded by ``cache_budget`` bytes ("auto": 3/4 of the RAM; None:
     unbounded): loading past it first drops the least recently used files that are not running.
-    ``memory_budget`` (bytes) caps what the manager keeps on the compute device at once; None
-    means "one running set at a time": everything else is offloaded before a model runs.
+    ``memory_budget`` (bytes) caps the weights the manager keeps on the compute device at once; a
+    running set larger than that streams the blocks of its Stage B/C (peak: the budget plus one
+    block, plus activations). None means "one running set at a time": everything else is
+    offloaded before a model runs, and on CUDA a stage streams only if it exceeds the free memory.
+    Inside a host with its own memory manager (ComfyUI) that manager decides instead (see
+    :meth:`ManagerHooks.placer`).
     ``dtype`` is the preferred weight dtype, or None to choose per device (bf16 where supported on
-    an accelerator, float32 on CPU, float16 with the overflow guard otherwise).
+    an accelerator, float32 on CPU, float16 with the overflow guard otherwise). An fp8 dtype
+    stores the matrix weights of the kinds that support it in fp8, computing in the per-device
+    choice; other kinds load in that choice.
+    ``transfers(device, offload)`` makes the :class:`~wuerstchen.streaming.Transfers` that move
+    weights (tests pass a :class:`~wuerstchen.streaming.SimulatedDevice`).
     """
 
     def __init__(self, hooks: Optional[ManagerHooks] = None, memory_budget: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None,
-                 cache_budget: Optional[int] | str = "auto"):
+                 cache_budget: Optional[int] | str = "auto",
+                 transfers: Optional[Callable[[torch.device, torch.device], Transfers]] = None):
         self.hooks = hooks or ManagerHooks()
         self.memory_budget = memory_budget
         self.cache_budget = default_cache_budget() if cache_budget == "auto" else cache_budget
         self.preferred_dtype = dtype
         self._device_override = torch.device(device) if device is not None else None
         self._cache: "OrderedDict[FileKey, _CacheEntry]" = OrderedDict()
-        self._resident: "OrderedDict[int, LoadedModel]" = OrderedDict()  # id(module) -> model on compute device
+        self._placements: Dict[int, Placement] = {}  # id(module) -> where its weights are
+        self._running: Dict[int, int] = {}  # id(module) -> how many runs use it now
+        self._make_transfers = transfers or Transfers
+        self._transfers: Dict[torch.device, Transfers] = {}
+        self._placer = self.hooks.placer(self)
         self._lock = threading.RLock()
 
     # -- devices and dtypes ------------------------------------------------------------------
@@ -139,6 +250,14 @@ class ModelManager:
     def weight_dtype(self) -> torch.dtype:
         """The dtype weights are loaded in when the caller names none."""
         if self.preferred_dtype is not None:
+            return self.preferred_dtype
+        return self.compute_dtype()
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype networks compute in: the preferred dtype, unless that is a storage-only fp8
+        dtype; then (and without a preference) bf16 on accelerators that support it, float16
+        (with the overflow guard) on others, float32 on CPU."""
+        if self.preferred_dtype is not None and not is_fp8(self.preferred_dtype):
             return self.preferred_dtype
         device = self.device
         if device.type == "cpu":
@@ -161,7 +280,9 @@ class ModelManager:
         path = Path(path)
         st = path.stat()
         target = dtype if dtype is not None else self.weight_dtype()
-        key = FileKey(str(path.resolve()), st.st_size, st.st_mtime_ns, str(target))
+        compute = self.compute_dtype() if is_fp8(target) else target
+        spelled = str(target) if compute == target else f"{target}/{compute}"
+        key = FileKey(str(path.resolve()), st.st_size, st.st_mtime_ns, spelled)
         with self._lock:
             entry = self._cache.get(key)
             if entry is None:
@@ -173,7 +294,8 @@ class ModelManager:
             missing = [k for k in wanted if k not in entry.models]
             if missing or not wanted:  # nothing wanted: load_parts raises the "expected X, found Y" error
                 self._make_room(self._estimate_bytes(path, target), keep=key)
-                parts = load_parts(path, kinds=missing or kinds, dtype=target, device=self.hooks.offload_device())
+                parts = load_parts(path, kinds=missing or kinds, dtype=target, device=self.hooks.offload_device(),
+                                   compute_dtype=compute)
                 for model in parts.values():
                     self._prepare(model)
                 entry.models.update(parts)
@@ -197,7 +319,7 @@ class ModelManager:
         if self.cache_budget is None:
             return
         used = sum(e.nbytes() for e in self._cache.values())
-        running = {id(m.module) for m in self._resident.values()}
+        running = set(self._running)
         for key in list(self._cache):
             if used + incoming <= self.cache_budget:
                 break
@@ -208,68 +330,70 @@ class ModelManager:
 
     def _prepare(self, model: LoadedModel) -> None:
         if kinds.get(model.kind).fp16_guard and hasattr(model.module, "fp16_guard"):
-            model.module.fp16_guard = model.dtype == torch.float16
+            model.module.fp16_guard = (model.compute_dtype or model.dtype) == torch.float16
 
     def _drop(self, key: FileKey) -> None:
         for model in self._cache.pop(key).models.values():
-            self._resident.pop(id(model.module), None)
+            placement = self._placements.pop(id(model.module), None)
+            if placement is not None:
+                self._placer.forget(placement)
 
     def clear(self) -> None:
         with self._lock:
-            self._cache.clear()
-            self._resident.clear()
+            for key in list(self._cache):
+                self._drop(key)
 
     def cached(self) -> List[LoadedModel]:
         return [m for entry in self._cache.values() for m in entry.models.values()]
 
     # -- placement -----------------------------------------------------------------------------
+    def transfers(self, device: torch.device) -> Transfers:
+        """How weights move between the offload device and ``device``."""
+        device = torch.device(device)
+        if device not in self._transfers:
+            self._transfers[device] = self._make_transfers(device, self.hooks.offload_device())
+        return self._transfers[device]
+
+    def placement(self, model: LoadedModel) -> Placement:
+        """Where ``model``'s weights are (one record per cached network)."""
+        with self._lock:
+            placement = self._placements.get(id(model.module))
+            if placement is None or placement.module is not model.module:
+                placement = Placement(model.module, self.hooks.offload_device(), self.transfers)
+                self._placements[id(model.module)] = placement
+            return placement
+
+    def is_running(self, module: nn.Module) -> bool:
+        return id(module) in self._running
+
     @contextlib.contextmanager
     def running(self, *models: LoadedModel) -> Iterator[torch.device]:
-        """Put ``models`` on the compute device for the duration of the block."""
+        """Put ``models`` on the compute device for the duration of the block (whole, or with
+        their blocks streamed when they do not fit the room they get)."""
         device = self.device
         with self._lock:
-            needed = sum(module_bytes(m.module) for m in models if module_device(m.module) != device)
-            keep = {id(m.module) for m in models}
-            self._evict_for(needed, keep, device)
-            if needed:
-                self.hooks.free_memory(needed, device)
-            for m in models:
-                if module_device(m.module) != device:
-                    m.module.to(device)
-                self._resident[id(m.module)] = m
-                self._resident.move_to_end(id(m.module))
+            placements = [self.placement(m) for m in models]
+            self._placer.acquire(placements, device)
+            for p in placements:
+                self._running[id(p.module)] = self._running.get(id(p.module), 0) + 1
         try:
             yield device
         finally:
-            if device.type != "cpu" and not self.hooks.keep_resident():
-                with self._lock:
-                    for m in models:
-                        self._resident.pop(id(m.module), None)
-                        m.module.to(self.hooks.offload_device())
-
-    def _evict_for(self, needed: int, keep: set, device: torch.device) -> None:
-        if device.type == "cpu":
-            return
-        resident_bytes = sum(module_bytes(m.module) for m in self._resident.values())
-        for mid in list(self._resident):
-            if mid in keep:
-                continue
-            over_budget = self.memory_budget is not None and resident_bytes + needed > self.memory_budget
-            if self.memory_budget is not None and not over_budget:
-                break
-            model = self._resident.pop(mid)
-            resident_bytes -= module_bytes(model.module)
-            model.module.to(self.hooks.offload_device())
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            with self._lock:
+                done = []
+                for p in placements:
+                    left = self._running.pop(id(p.module)) - 1
+                    if left:
+                        self._running[id(p.module)] = left
+                    elif p not in done:
+                        done.append(p)
+                self._placer.release(done)
 
     def offload_all(self) -> None:
         with self._lock:
-            for model in list(self._resident.values()):
-                model.module.to(self.hooks.offload_device())
-            self._resident.clear()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            self._placer.offload_all()
 
     def resident(self) -> List[LoadedModel]:
-        return list(self._resident.values())
+        """The cached networks that have weights on the compute device now."""
+        return [m for m in self.cached() if (p := self._placements.get(id(m.module))) is not None
+                and p.device is not None and p.module is m.module]

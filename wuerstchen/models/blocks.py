@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import (Workspace, add_projection, conv2d, conv_transpose2d, gelu_, layer_norm_channels, linear,
-                  pointwise_conv, resize_nhwc, scratch, to_nchw, to_nhwc)
+from .ops import (Workspace, add_projection, compute_weight, conv2d, conv_transpose2d, gelu_, is_fp8,
+                  layer_norm_channels, linear, pointwise_conv, resize_nhwc, scratch, to_nchw, to_nhwc)
 
 
 def sinusoidal_r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
@@ -122,7 +122,8 @@ def _channel_mlp(x, h, channelwise, ws, training):
     use_dropout = training and dropout.p > 0
     batch, width = x.shape[0], hidden.shape[-1]
     tokens = hidden.numel() // (batch * width)
-    fold = (ws is not None and grn.fold_scale and not use_dropout and hidden.dtype == fc2.weight.dtype == x.dtype
+    weight2 = compute_weight(fc2.weight, fc2.bias, x)
+    fold = (ws is not None and grn.fold_scale and not use_dropout and hidden.dtype == weight2.dtype == x.dtype
             and tokens > fc2.out_features and x.is_contiguous())
     if not fold:
         hidden = grn.normalize_(hidden, ws)
@@ -131,8 +132,8 @@ def _channel_mlp(x, h, channelwise, ws, training):
         return add_projection(x, hidden, fc2, ws)
     # W2 (h * s + beta) + b2 == (W2 * s) h + (W2 beta + b2), with s per sample and channel
     scale = grn.response_scale(hidden, ws).view(batch, 1, width)
-    scaled_weight = torch.mul(fc2.weight, scale, out=ws.get("mlp_folded_weight", (batch, *fc2.weight.shape), x))
-    shift = torch.addmv(fc2.bias, fc2.weight, grn.beta.view(width).to(x.dtype))
+    scaled_weight = torch.mul(weight2, scale, out=ws.get("mlp_folded_weight", (batch, *weight2.shape), x))
+    shift = torch.addmv(fc2.bias, weight2, grn.beta.view(width).to(x.dtype))
     x3 = x.view(batch, tokens, x.shape[-1])
     x3.baddbmm_(hidden.view(batch, tokens, width), scaled_weight.transpose(1, 2))
     return x.add_(shift)
@@ -168,6 +169,8 @@ class PackedMultiheadAttention(nn.Module):
     Stores ``in_proj_weight`` [3c, c] (q, k, v stacked), ``in_proj_bias`` [3c] and ``out_proj``.
     Inputs are batch-first ``[B, L, c]``.
     """
+
+    fp8_weights = ("in_proj_weight",)  # only ever used through ops.linear (see ops.fp8_weight_names)
 
     def __init__(self, c, nhead, dropout=0.0):
         super().__init__()
@@ -422,8 +425,10 @@ class CascadeUNet(nn.Module):
     # -- dtype policy ---------------------------------------------------------------------------
 
     def compute_dtype(self) -> torch.dtype:
-        """The parameter dtype; outputs are returned in it."""
-        return self.embedding[1].weight.dtype
+        """The parameter dtype (for fp8-stored weights, the dtype their biases and norms keep,
+        which the layers upcast them to); outputs are returned in it."""
+        conv = self.embedding[1]
+        return conv.bias.dtype if is_fp8(conv.weight.dtype) else conv.weight.dtype
 
     def stream_dtype(self) -> torch.dtype:
         """dtype of the residual stream: float32 in fp16-guard mode, else the parameter dtype."""
@@ -466,6 +471,17 @@ class CascadeUNet(nn.Module):
         return out.to(out_dtype).contiguous()
 
     # -- traversal -------------------------------------------------------------------------------
+
+    def block_schedule(self):
+        """The blocks in the order one forward calls them (level repeats included): what a
+        weight-streaming schedule (:mod:`wuerstchen.streaming`) moves to the device one by one."""
+        order = []
+        for levels in (self.down_blocks, self.up_blocks):
+            mappers = self.down_repeat_mappers if levels is self.down_blocks else self.up_repeat_mappers
+            for level, repeat_mappers in zip(levels, mappers):
+                for _ in range(len(repeat_mappers) + 1):
+                    order.extend(level)
+        return order
 
     @staticmethod
     def _inject(x, cnet, counter):

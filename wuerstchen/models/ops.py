@@ -7,6 +7,11 @@ from how it is computed fast and safely here.
 Mixed precision ("fp16 guard"): when a kernel receives a float32 tensor while its weights are
 float16, the heavy matrix product still runs in float16, on an input rescaled by a power of two
 so it cannot overflow, and the result comes back in float32.
+
+fp8 weight storage: the weights of matrix products (:func:`fp8_weight_names`) may be stored in
+float8 to halve their memory; every kernel here upcasts such a weight to the compute dtype (that
+of its bias, which stays in it) for the one call (:func:`compute_weight`), so no product ever runs
+in fp8.
 """
 
 import math
@@ -22,6 +27,39 @@ GUARD_INPUT_EXPONENT = 8
 # ----------------------------------------------------------------------------------------------
 # Mixed-precision helpers
 # ----------------------------------------------------------------------------------------------
+
+#: Storage-only weight dtypes: upcast before any arithmetic.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def compute_weight(weight: torch.Tensor, bias=None, like=None) -> torch.Tensor:
+    """``weight`` in the dtype it computes in: an fp8-stored weight is upcast, for this call only,
+    to its bias's dtype (the compute dtype; biases are never stored in fp8), else to ``like``'s."""
+    if weight.dtype not in FP8_DTYPES:
+        return weight
+    return weight.to(bias.dtype if bias is not None else like.dtype)
+
+
+#: Parameters that only feed matrix products through this module's kernels (declared by the
+#: module classes that own them, e.g. a packed attention projection).
+FP8_WEIGHTS_ATTRIBUTE = "fp8_weights"
+
+
+def fp8_weight_names(model: nn.Module):
+    """Names of the parameters of ``model`` that may be stored in fp8: the weights of its linear
+    layers, its dense (not depthwise) and transposed convolutions, and those its modules declare
+    in ``fp8_weights``. Norms, biases, embeddings, GRN gains and buffers are not among them."""
+    names = []
+    for prefix, module in model.named_modules():
+        own = list(getattr(module, FP8_WEIGHTS_ATTRIBUTE, ()))
+        if isinstance(module, (nn.Linear, nn.ConvTranspose2d)) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            own.append("weight")
+        names += [f"{prefix}.{n}" if prefix else n for n in own if getattr(module, n, None) is not None]
+    return names
 
 def _scaled_down(x: torch.Tensor, dtype: torch.dtype):
     """Return (x / s cast to ``dtype``, s), with s a power of two that keeps |x / s| <= 2**8."""
@@ -39,6 +77,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.
     and the result comes back in float32 (``out`` is ignored), so a large residual stream never
     overflows float16.
     """
+    weight = compute_weight(weight, bias, x)
     if x.dtype != weight.dtype:
         x_low, scale = _scaled_down(x, weight.dtype)
         result = F.linear(x_low, weight).to(x.dtype).mul_(scale)
@@ -55,7 +94,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """Run ``conv`` (any stride/groups) on ``x``; a float32 ``x`` with float16 weights is guarded."""
-    weight, bias = conv.weight, conv.bias
+    bias = conv.bias
+    weight = compute_weight(conv.weight, bias, x)
     if x.dtype == weight.dtype:
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if conv.groups > 1:  # depthwise: cheap, just compute it in float32
@@ -69,7 +109,8 @@ def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 def conv_transpose2d(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     """Run a transposed convolution; a float32 ``x`` with float16 weights is guarded."""
-    weight, bias = conv.weight, conv.bias
+    bias = conv.bias
+    weight = compute_weight(conv.weight, bias, x)
     args = (conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
     if x.dtype == weight.dtype:
         return F.conv_transpose2d(x, weight, bias, *args)
@@ -152,7 +193,8 @@ def residual(x, update, ws):
 
 def add_projection(x, h, layer, ws):
     """x + Linear(h) for channels-last x; accumulated straight into x (no temporary) with ``ws``."""
-    weight, bias = layer.weight, layer.bias
+    bias = layer.bias
+    weight = compute_weight(layer.weight, bias, h)
     if ws is None or x.dtype != weight.dtype or h.dtype != weight.dtype or not x.is_contiguous():
         return residual(x, linear(h, weight, bias), ws)
     rows = x.view(-1, x.shape[-1])
