@@ -437,6 +437,12 @@ def check_finite(x: torch.Tensor, stage: str, dtype: Optional[torch.dtype] = Non
     raise NonFiniteError(f"{stage} produced NaN or inf values{at}{held}: {advice}", stage)
 
 
+def check_finite_input(x: torch.Tensor, what: str, advice: str) -> None:
+    """Raise :class:`NonFiniteError` if ``x``, an input a stage was given (``what``), holds NaN or inf."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} holds NaN or inf values: {advice}", what)
+
+
 def finite_callback(stage: str, dtype: Optional[torch.dtype],
                     callback: Optional[Callable[[int, int, torch.Tensor], None]],
                     fp16_guard: bool = False) -> Callable[[int, int, torch.Tensor], None]:
@@ -453,7 +459,7 @@ def finite_callback(stage: str, dtype: Optional[torch.dtype],
 __all__ = [
     "MAX_BATCH", "MAX_IMAGE_PIXELS", "MAX_SIDE", "MAX_STEPS", "MIN_SIDE", "Need", "NonFiniteError",
     "RequestError", "UNetProfile", "check_batch", "check_compression", "check_device", "check_finite",
-    "check_images", "check_masks", "check_memory", "check_number", "check_sampling", "check_size",
+    "check_finite_input", "check_images", "check_masks", "check_memory", "check_number", "check_sampling", "check_size",
     "check_steps", "device_memory", "estimate", "finite_callback", "format_bytes", "match_batches",
     "nonfinite_advice", "unet_profile",
 ]

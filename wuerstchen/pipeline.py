@@ -311,7 +311,7 @@ def sample_stage_c(
     shape = tuple(init_latent.shape) if img2img or shape is None else tuple(shape)
     _check_latent_shape(model, shape, "Stage C latent")
     if init_latent is not None and img2img:
-        limits.check_finite(init_latent, "the img2img Stage C latent", advice="encode the image again")
+        limits.check_finite_input(init_latent, "the img2img Stage C latent", "encode the image again")
     batch = limits.check_batch(shape[0], "batch")
     for hint in control:
         check_fits(hint.net, model)
@@ -351,9 +351,8 @@ def _check_latent_shape(model: nn.Module, shape: Sequence[int], what: str) -> No
         return
     patch = model.embedding[0].downscale_factor
     channels = model.embedding[1].in_channels // (patch ** 2)
-    if len(shape) != 4 or shape[1] != channels or min(shape) < 1:
-        raise limits.RequestError(f"the {what} must be [batch, {channels}, height, width] with every side at least 1, "
-                                  f"got {list(shape)}")
+    if shape[1] != channels:
+        raise limits.RequestError(f"the {what} must be [batch, {channels}, height, width], got {list(shape)}")
     if shape[2] % patch or shape[3] % patch:
         raise limits.RequestError(f"the {what} is {shape[3]}x{shape[2]}; this model needs sides that are multiples "
                                   f"of {patch}")
@@ -423,8 +422,8 @@ def sample_stage_b(
                                       "or LoRA text strengths that made it")
     if stage_c_latent.dim() != 4 or stage_c_latent.numel() == 0:
         raise limits.RequestError(f"the Stage C latent must be [batch, 16, h, w], got {list(stage_c_latent.shape)}")
-    limits.check_finite(stage_c_latent, "the Stage C latent given to Stage B",
-                        advice="the stage that made it failed; sample Stage C again")
+    limits.check_finite_input(stage_c_latent, "the Stage C latent given to Stage B",
+                              "the stage that made it failed; sample Stage C again")
     param = _model_param(model)
     device = param.device
     batch = limits.check_batch(stage_c_latent.shape[0], "batch")
@@ -477,8 +476,8 @@ def decode_stage_a(stage_a: nn.Module, latent: torch.Tensor, tile: Optional[int]
     if latent.dim() != 4 or latent.numel() == 0 or latent.shape[1] != stage_a.c_latent:
         raise limits.RequestError(f"the Stage B latent must be [batch, {stage_a.c_latent}, h, w], got "
                                   f"{list(latent.shape)}")
-    limits.check_finite(latent, "the Stage B latent given to Stage A",
-                        advice="the stage that made it failed; sample Stage B again")
+    limits.check_finite_input(latent, "the Stage B latent given to Stage A",
+                              "the stage that made it failed; sample Stage B again")
     b, _, h, w = latent.shape
     if tile is None:
         tile = auto_tile(h, w)
