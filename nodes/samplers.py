@@ -6,12 +6,12 @@ from typing import Optional
 
 import torch
 
-from wuerstchen import pipeline
+from wuerstchen import limits, pipeline
 from wuerstchen.sampling import SAMPLERS
 
 from . import comfy_types as T
 from . import handles as H
-from .host import NodeError, Progress, manager, previews_enabled
+from .host import Progress, manager, previews_enabled
 from .loaders import require
 
 CATEGORY = "wuerstchen/sampling"
@@ -49,7 +49,7 @@ class WuerstchenStageCSampler:
                 "negative": ("CONDITIONING", {"tooltip": "Negative conditioning; officially the empty prompt."}),
                 "latent": ("LATENT", {"tooltip": "Empty Stage C latent (size and batch), or an encoded image for img2img."}),
                 "seed": SEED,
-                "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Official: 20."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": limits.MAX_STEPS, "tooltip": "Official: 20."}),
                 "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Official: 4."}),
                 "shift": ("FLOAT", {"default": 2.0, "min": 0.1, "max": 10.0, "step": 0.1,
                                     "tooltip": "Schedule shift in logSNR space. Official: 2."}),
@@ -72,18 +72,16 @@ class WuerstchenStageCSampler:
         cond = T.conditioning_in(positive, node, "positive")
         uncond = T.conditioning_in(negative, node, "negative")
         samples = T.stage_c_in(latent, sc.model.config["c_in"], node, "latent")
-        settings = pipeline.StageCSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, cfg_rho=cfg_rho,
-                                           denoise=denoise)
+        with T.node_errors(node):
+            settings = pipeline.StageCSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, cfg_rho=cfg_rho,
+                                               denoise=denoise)
         hints = control.chain() if control is not None else []
         models = [sc.model] + [h.controlnet for h in hints] + ([previewer.model] if previewer is not None else [])
         progress = Progress(settings.steps_to_run(img2img=denoise < 1.0), stage_c_previewer(previewer))
-        try:
-            with manager().running(*models), torch.no_grad():
-                x0 = pipeline.sample_stage_c(
-                    sc.module, cond, uncond, shape=tuple(samples.shape), init_latent=samples if denoise < 1.0 else None,
-                    seed=seed, settings=settings, loras=sc.loras, control=[h.hint for h in hints], callback=progress)
-        except ValueError as exc:
-            raise NodeError(f"{node}: {exc}") from None
+        with T.node_errors(node), manager().running(*models), torch.no_grad():
+            x0 = pipeline.sample_stage_c(
+                sc.module, cond, uncond, shape=tuple(samples.shape), init_latent=samples if denoise < 1.0 else None,
+                seed=seed, settings=settings, loras=sc.loras, control=[h.hint for h in hints], callback=progress)
         size, compression = T.stage_c_size(latent)
         return (T.stage_c_out(x0, size, compression),)
 
@@ -104,13 +102,13 @@ class WuerstchenStageBSampler:
             "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning; Stage B uses its pooled embedding."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (pooled embedding of the empty prompt)."}),
             "seed": SEED,
-            "steps": ("INT", {"default": 10, "min": 1, "max": 1000, "tooltip": "Official: 10."}),
+            "steps": ("INT", {"default": 10, "min": 1, "max": limits.MAX_STEPS, "tooltip": "Official: 10."}),
             "cfg": ("FLOAT", {"default": 1.1, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Official: 1.1."}),
             "shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1, "tooltip": "Official: 1."}),
             "sampler": _sampler_input(),
-            "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
+            "width": ("INT", {"default": 0, "min": 0, "max": limits.MAX_SIDE, "step": 8,
                               "tooltip": "Output width; 0 = the size the Stage C latent was made for."}),
-            "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
+            "height": ("INT", {"default": 0, "min": 0, "max": limits.MAX_SIDE, "step": 8,
                                "tooltip": "Output height; 0 = the size the Stage C latent was made for."}),
             "cfg_rho": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.05,
                                   "tooltip": "Official CFG rescale (0.7)."}),
@@ -121,15 +119,12 @@ class WuerstchenStageBSampler:
         sb = require(stage_b, "stage_b", node, "stage_b")
         latent_c = T.stage_c_in(stage_c, sb.model.config["c_effnet"], node, "stage_c")
         (auto_h, auto_w), _compression = T.stage_c_size(stage_c)
-        size = (height or auto_h, width or auto_w)
-        pipeline.check_size(size[0], size[1], node)
         cond = T.conditioning_in(positive, node, "positive")
         uncond = T.conditioning_in(negative, node, "negative")
-        settings = pipeline.StageBSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, cfg_rho=cfg_rho)
-        try:
-            with manager().running(sb.model), torch.no_grad():
-                x0 = pipeline.sample_stage_b(sb.module, latent_c, cond.clip_text_pooled, uncond.clip_text_pooled,
-                                             size=size, seed=seed, settings=settings, callback=Progress(steps))
-        except ValueError as exc:
-            raise NodeError(f"{node}: {exc}") from None
-        return (T.stage_b_out(x0),)
+        with T.node_errors(node):
+            size = pipeline.check_size(height or auto_h, width or auto_w, node)
+            settings = pipeline.StageBSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, cfg_rho=cfg_rho)
+        with T.node_errors(node), manager().running(sb.model), torch.no_grad():
+            x0 = pipeline.sample_stage_b(sb.module, latent_c, cond.clip_text_pooled, uncond.clip_text_pooled,
+                                         size=size, seed=seed, settings=settings, callback=Progress(steps))
+        return (T.stage_b_out(x0, size),)
