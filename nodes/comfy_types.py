@@ -5,7 +5,9 @@ the nodes translate data. The core takes images [B, 3, H, W] and masks [B, 1, H,
 * Stage C LATENT: ``{"samples": [B, 16, h, w]}`` at the official scale (ComfyUI's SC_Prior has
   scale 1), plus the size it was made for and its compression under our own keys.
 * Stage B LATENT: ``{"samples": [B, 4, H/4, W/4]}`` as ComfyUI keeps it, the raw VQGAN encoder
-  output, which is the official Stage B latent times 0.43.
+  output, which is the official Stage B latent times 0.43, plus the size it was made for (its
+  sides are rounded up to even, see :func:`wuerstchen.pipeline.stage_b_latent_size`; the decode
+  crops back to that size).
 * CONDITIONING: ``[[clip_text [1, L, 1280], {"pooled_output": [1, 1280], ...}], ...]``, as
   ComfyUI's own Stable Cascade text encoding, so its conditioning nodes (concat, zero out, ...) keep
   working. Image-variation tokens ride along under our own key.
@@ -20,12 +22,14 @@ LATENT holds, so the Stage A decode node serves both families.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import math
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
-from wuerstchen import kinds, pipeline
+from wuerstchen import kinds, limits, pipeline
 from wuerstchen.pipeline import Conditioning
 from wuerstchen.pipeline_v2 import V2_STAGE_A_SCALE
 
@@ -38,19 +42,35 @@ LATENT_FAMILY = "wuerstchen_family"  # the model family whose prior made a 16-ch
 COND_TEXT = "wuerstchen_text"  # the text-encoder kind that made a Würstchen v2 conditioning
 
 
+@contextlib.contextmanager
+def node_errors(node: str) -> Iterator[None]:
+    """The core's refusals (ValueError: bad settings, memory, non-finite results) as a NodeError
+    that ComfyUI shows on ``node``, prefixed with the node's name once."""
+    try:
+        yield
+    except NodeError:
+        raise
+    except ValueError as exc:
+        message = str(exc)
+        raise NodeError(message if message.startswith(node) else f"{node}: {message}") from None
+
+
 # ------------------------------------------------------------------------------------------------
 # IMAGE and MASK
 
 
-def images_in(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE [B, H, W, C] -> [B, 3, H, W] (alpha dropped, grey expanded)."""
-    x = image.float()
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    x = x[..., :3]
-    if x.shape[-1] == 1:
-        x = x.expand(*x.shape[:-1], 3)
-    return x.permute(0, 3, 1, 2).contiguous()
+def images_in(image: torch.Tensor, node: str = "", socket: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] (or [H, W, C]) -> [B, 3, H, W] (alpha dropped, grey expanded);
+    empty or non-finite images and other layouts are a NodeError naming the node and socket."""
+    where = f"{node}: '{socket}'" if node else f"'{socket}'"
+    if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or image.shape[-1] not in (1, 3, 4):
+        shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise NodeError(f"{where} must be an IMAGE [batch, height, width, 3], got {shape}")
+    x = image if image.dim() == 4 else image.unsqueeze(0)
+    try:
+        return limits.check_images(x.permute(0, 3, 1, 2), where).contiguous()
+    except limits.RequestError as exc:
+        raise NodeError(str(exc)) from None
 
 
 def images_out(images: torch.Tensor) -> torch.Tensor:
@@ -58,12 +78,15 @@ def images_out(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 2, 3, 1).contiguous()
 
 
-def mask_in(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """ComfyUI MASK [B, H, W] or [H, W] -> [B, 1, H, W]."""
+def mask_in(mask: Optional[torch.Tensor], node: str = "", socket: str = "mask") -> Optional[torch.Tensor]:
+    """ComfyUI MASK [B, H, W] or [H, W] (also [B, 1, H, W], [B, H, W, 1]) -> [B, 1, H, W]; an empty
+    mask or another layout is a NodeError naming the node and socket."""
     if mask is None:
         return None
-    m = mask.float()
-    return (m[None] if m.dim() == 2 else m)[:, None]
+    try:
+        return limits.check_masks(mask, f"{node}: '{socket}'" if node else f"'{socket}'")
+    except limits.RequestError as exc:
+        raise NodeError(str(exc)) from None
 
 
 def to_pil(images: torch.Tensor):
@@ -106,12 +129,31 @@ def stage_c_in(latent: dict, channels: int, node: str, socket: str, family: str 
     return samples
 
 
-def stage_b_out(latent: torch.Tensor) -> dict:
-    return {"samples": latent * pipeline.STAGE_A_SCALE}
+def stage_b_out(latent: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> dict:
+    out = {"samples": latent * pipeline.STAGE_A_SCALE}
+    if size is not None:
+        out[LATENT_SIZE] = (int(size[0]), int(size[1]))
+    return out
 
 
-def stage_b_in(latent: dict) -> torch.Tensor:
-    return latent["samples"].float() / pipeline.STAGE_A_SCALE
+def stage_b_in(latent: dict, node: str = "", socket: str = "latent") -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 4 or samples.numel() == 0:
+        shape = list(samples.shape) if isinstance(samples, torch.Tensor) else None
+        raise NodeError(f"{node}: '{socket}' must be a Stage B latent [batch, 4, height, width], got {shape}")
+    return samples.float() / pipeline.STAGE_A_SCALE
+
+
+def stage_b_size(latent: dict) -> Optional[Tuple[int, int]]:
+    """The (H, W) a Stage B LATENT was made for, if it still fits the latent (a latent resized by
+    another node has lost it), else None: the decode then keeps every pixel."""
+    size = latent.get(LATENT_SIZE)
+    if size is None:
+        return None
+    h, w = latent["samples"].shape[-2:]
+    fits = (math.ceil(size[0] / pipeline.STAGE_B_COMPRESSION) <= h <= pipeline.stage_b_latent_size(*size)[0]
+            and math.ceil(size[1] / pipeline.STAGE_B_COMPRESSION) <= w <= pipeline.stage_b_latent_size(*size)[1])
+    return (int(size[0]), int(size[1])) if fits else None
 
 
 def v2_decoder_out(latent: torch.Tensor) -> dict:

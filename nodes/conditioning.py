@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wuerstchen import pipeline
+from wuerstchen import limits, pipeline
 
 from . import comfy_types as T
 from . import handles as H
@@ -68,9 +68,13 @@ class WuerstchenImageVariation:
         }}
 
     def apply(self, conditioning, clip_vision, image, strength):
-        vis = require(clip_vision, "clip_vision", "WuerstchenImageVariation", "clip_vision")
-        cond = T.conditioning_in(conditioning, "WuerstchenImageVariation", "conditioning")
-        with manager().running(vis.model):
-            embeds = pipeline.encode_image_embeds(vis.module, T.images_in(image))
-        out = pipeline.with_image_embeds(cond, embeds, [strength] * embeds.shape[0])
+        node = "WuerstchenImageVariation"
+        vis = require(clip_vision, "clip_vision", node, "clip_vision")
+        cond = T.conditioning_in(conditioning, node, "conditioning")
+        x = T.images_in(image, node)
+        with T.node_errors(node):
+            limits.check_number(strength, f"{node}: strength", official=1.0)
+            with manager().running(vis.model):
+                embeds = pipeline.encode_image_embeds(vis.module, x)
+            out = pipeline.with_image_embeds(cond, embeds, [strength] * embeds.shape[0])
         return (T.conditioning_out(out),)

@@ -57,10 +57,11 @@ class WuerstchenControlNetApply:
         node = "WuerstchenControlNetApply"
         cn = require(controlnet, "controlnet", node, "controlnet")
         eff = require(semantic_compressor, "effnet", node, "semantic_compressor") if semantic_compressor else None
+        images, masks = T.images_in(image, node), T.mask_in(mask, node)
         try:
             control.check_range(strength, start_percent, end_percent)
             with manager().running(*([eff.model] if eff else [])):
-                inp = control.control_input(control.kind_of(cn.model.config), T.images_in(image), T.mask_in(mask),
+                inp = control.control_input(control.kind_of(cn.model.config), images, masks,
                                             eff.module if eff else None)
             hint = control.Hint(cn.module, inp, float(strength), float(start_percent), float(end_percent))
         except control.ControlInputError as exc:

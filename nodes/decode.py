@@ -30,12 +30,14 @@ class WuerstchenStageADecode:
         }}
 
     def decode(self, stage_a, latent, tile_size):
-        sa = require(stage_a, "stage_a", "WuerstchenStageADecode", "stage_a")
+        node = "WuerstchenStageADecode"
+        sa = require(stage_a, "stage_a", node, "stage_a")
+        samples = T.stage_b_in(latent, node)
         progress = Progress(1)
-        with manager().running(sa.model):
-            images = pipeline.decode_stage_a(sa.module, T.stage_b_in(latent), tile=tile_size or None,
+        with T.node_errors(node), manager().running(sa.model):
+            images = pipeline.decode_stage_a(sa.module, samples, tile=tile_size or None,
                                              callback=lambda i, n: progress(i, n))
-        return (T.images_out(images),)
+        return (T.images_out(pipeline.crop_to(images, T.stage_b_size(latent))),)
 
 
 class WuerstchenPreviewDecode:
@@ -52,8 +54,9 @@ class WuerstchenPreviewDecode:
         }}
 
     def decode(self, previewer, latent):
-        pv = require(previewer, "previewer", "WuerstchenPreviewDecode", "previewer")
-        samples = T.stage_c_in(latent, pv.model.config["c_in"], "WuerstchenPreviewDecode", "latent")
-        with manager().running(pv.model):
+        node = "WuerstchenPreviewDecode"
+        pv = require(previewer, "previewer", node, "previewer")
+        samples = T.stage_c_in(latent, pv.model.config.get("c_in", 16), node, "latent")
+        with T.node_errors(node), manager().running(pv.model):
             images = pipeline.preview_stage_c(pv.module, samples)
         return (T.images_out(images),)

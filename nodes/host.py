@@ -9,7 +9,7 @@ the model folders are the ComfyUI-style sub-folders of one root (``WUERSTCHEN_MO
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -84,7 +84,6 @@ class PackState:
 
     manager: ModelManager
     models_root: Optional[Path] = None
-    extra_folders: Dict[str, List[Path]] = field(default_factory=dict)
 
 
 def _make_state() -> PackState:
@@ -277,8 +276,3 @@ def previews_enabled() -> bool:
         return args.preview_method != LatentPreviewMethod.NoPreviews
     except Exception:  # older/newer ComfyUI without these names: show previews
         return True
-
-
-def interrupted_check() -> None:
-    if IN_COMFYUI:
-        comfy_mm.throw_exception_if_processing_interrupted()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from wuerstchen import kinds, pipeline, pipeline_v2
+from wuerstchen import kinds, limits, pipeline, pipeline_v2
 
 from . import comfy_types as T
 from . import handles as H
-from .host import NodeError, manager
+from .host import manager
 from .loaders import require, require_role
 
 CATEGORY = "wuerstchen/latent"
-MAX_SIZE = 8192
+MAX_SIZE = limits.MAX_SIDE
 
 
 class WuerstchenEmptyLatent:
@@ -21,7 +21,8 @@ class WuerstchenEmptyLatent:
     FUNCTION = "generate"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Empty Stage C and Stage B latents for an output size. Stage C is ceil(H/compression) x "
-                   "ceil(W/compression) (24x24 at 1024² with the official 42.67); Stage B is ceil(H/4) x ceil(W/4).")
+                   "ceil(W/compression) (24x24 at 1024² with the official 42.67); Stage B is ceil(H/4) x ceil(W/4) "
+                   "rounded up to even sides, which Stage B needs (the decode crops back to the size asked for).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -33,15 +34,19 @@ class WuerstchenEmptyLatent:
             "compression": ("FLOAT", {"default": pipeline.OFFICIAL_COMPRESSION, "min": 16.0, "max": 128.0, "step": 0.01,
                                       "tooltip": "Pixels per Stage C latent cell: 42.67 is official; lower gives "
                                                  "Stage C more cells (more detail, slower), higher fewer."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": limits.MAX_BATCH, "tooltip": "Images per run."}),
         }}
 
     def generate(self, width, height, compression, batch_size):
-        pipeline.check_size(height, width, "WuerstchenEmptyLatent")
+        node = "WuerstchenEmptyLatent"
+        with T.node_errors(node):
+            height, width = pipeline.check_size(height, width, node)
+            batch_size = limits.check_batch(batch_size, f"{node}: batch_size")
+            compression = limits.check_compression(compression, f"{node}: compression")
         h_c, w_c = pipeline.stage_c_latent_size(height, width, compression)
         h_b, w_b = pipeline.stage_b_latent_size(height, width)
         c = T.stage_c_out(torch.zeros(batch_size, 16, h_c, w_c), (height, width), compression)
-        b = {"samples": torch.zeros(batch_size, 4, h_b, w_b)}
+        b = T.stage_b_out(torch.zeros(batch_size, 4, h_b, w_b), (height, width))
         return (c, b)
 
 
@@ -66,15 +71,18 @@ class WuerstchenSemanticEncode:
         }}
 
     def encode(self, semantic_compressor, image, compression):
-        eff = require_role(semantic_compressor, "effnet", "WuerstchenSemanticEncode", "semantic_compressor")
-        x = T.images_in(image)
-        with manager().running(eff.model):
-            if eff.model.kind == "v2_effnet":  # Würstchen v2: a prior latent, (y + 1)/42, of a size the decoder takes
-                size = pipeline_v2.nearest_working_latent(*pipeline.stage_c_latent_size(x.shape[-2], x.shape[-1],
-                                                                                      compression))
-                return (T.stage_c_out(pipeline_v2.encode_semantic_v2(eff.module, x, size), x.shape[-2:], compression,
-                                      kinds.WUERSTCHEN_V2),)
-            latent = pipeline.encode_semantic(eff.module, x, compression=compression)
+        node = "WuerstchenSemanticEncode"
+        eff = require_role(semantic_compressor, "effnet", node, "semantic_compressor")
+        x = T.images_in(image, node)
+        with T.node_errors(node):
+            compression = limits.check_compression(compression, f"{node}: compression")
+            with manager().running(eff.model):
+                if eff.model.kind == "v2_effnet":  # Würstchen v2: a prior latent, (y + 1)/42, of a size the decoder takes
+                    size = pipeline_v2.nearest_working_latent(*pipeline.stage_c_latent_size(x.shape[-2], x.shape[-1],
+                                                                                          compression))
+                    return (T.stage_c_out(pipeline_v2.encode_semantic_v2(eff.module, x, size), x.shape[-2:],
+                                          compression, kinds.WUERSTCHEN_V2),)
+                latent = pipeline.encode_semantic(eff.module, x, compression=compression)
         return (T.stage_c_out(latent, x.shape[-2:], compression, kinds.STABLE_CASCADE),)
 
 
@@ -93,10 +101,9 @@ class WuerstchenStageAEncode:
         }}
 
     def encode(self, stage_a, image):
-        sa = require(stage_a, "stage_a", "WuerstchenStageAEncode", "stage_a")
-        try:
-            with manager().running(sa.model):
-                latent = pipeline.encode_stage_a(sa.module, T.images_in(image))
-        except ValueError as exc:
-            raise NodeError(f"WuerstchenStageAEncode: {exc}") from None
+        node = "WuerstchenStageAEncode"
+        sa = require(stage_a, "stage_a", node, "stage_a")
+        x = T.images_in(image, node)
+        with T.node_errors(node), manager().running(sa.model):
+            latent = pipeline.encode_stage_a(sa.module, x)
         return (T.stage_b_out(latent),)

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from wuerstchen import kinds
 from wuerstchen.checkpoints import CheckpointError, inspect
+from wuerstchen.management import WEIGHT_DTYPES
 
 from . import handles as H
 from .host import NodeError, list_models, manager, resolve_model
 
 CATEGORY = "wuerstchen/loaders"
-# New choices go at the end: saved workflows keep their widget values.
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+DTYPES = WEIGHT_DTYPES
 DTYPE_TIP = ("Weights dtype. auto: bf16 on GPUs that support it, fp16 (with the overflow guard) on older GPUs, "
              "fp32 on CPU. fp8_e4m3fn / fp8_e5m2: Stage B/C matrix weights stored in 8 bits (about half the "
              "memory of bf16, slightly less accurate; e4m3fn is the more precise), computed in the auto dtype; "

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from wuerstchen import kinds, pipeline
+from wuerstchen import kinds, limits, pipeline
 from wuerstchen import pipeline_v2 as v2
 from wuerstchen.models.effnet import v2_effnet_to_raw
 from wuerstchen.sampling import SAMPLERS
@@ -66,7 +66,7 @@ class WuerstchenStageCSampler:
                 "negative": ("CONDITIONING", {"tooltip": "Negative conditioning; officially the empty prompt."}),
                 "latent": ("LATENT", {"tooltip": "Empty Stage C latent (size and batch), or an encoded image for img2img."}),
                 "seed": SEED,
-                "steps": ("INT", {"default": 20, "min": 0, "max": 1000,
+                "steps": ("INT", {"default": 20, "min": 0, "max": limits.MAX_STEPS,
                                   "tooltip": "Official: 20. 0 = the official schedule of the model wired in (Stable "
                                              "Cascade: 20 steps; Würstchen v2 prior: the hub's 29-step grid); "
                                              "for the v2 prior any other value is that many uniform steps."}),
@@ -98,18 +98,16 @@ class WuerstchenStageCSampler:
         cond = T.conditioning_in(positive, node, "positive")
         uncond = T.conditioning_in(negative, node, "negative")
         samples = T.stage_c_in(latent, sc.model.config["c_in"], node, "latent")
-        settings = pipeline.StageCSettings(steps=steps or pipeline.StageCSettings.steps, cfg=cfg, shift=shift,
-                                           sampler=sampler, cfg_rho=cfg_rho, denoise=denoise)
+        with T.node_errors(node):
+            settings = pipeline.StageCSettings(steps=steps or pipeline.StageCSettings.steps, cfg=cfg, shift=shift,
+                                               sampler=sampler, cfg_rho=cfg_rho, denoise=denoise)
         hints = control.chain() if control is not None else []
         models = [sc.model] + [h.controlnet for h in hints] + ([previewer.model] if previewer is not None else [])
         progress = Progress(settings.steps_to_run(img2img=denoise < 1.0), stage_c_previewer(previewer))
-        try:
-            with manager().running(*models), torch.no_grad():
-                x0 = pipeline.sample_stage_c(
-                    sc.module, cond, uncond, shape=tuple(samples.shape), init_latent=samples if denoise < 1.0 else None,
-                    seed=seed, settings=settings, loras=sc.loras, control=[h.hint for h in hints], callback=progress)
-        except ValueError as exc:
-            raise NodeError(f"{node}: {exc}") from None
+        with T.node_errors(node), manager().running(*models), torch.no_grad():
+            x0 = pipeline.sample_stage_c(
+                sc.module, cond, uncond, shape=tuple(samples.shape), init_latent=samples if denoise < 1.0 else None,
+                seed=seed, settings=settings, loras=sc.loras, control=[h.hint for h in hints], callback=progress)
         size, compression = T.stage_c_size(latent)
         return (T.stage_c_out(x0, size, compression, kinds.STABLE_CASCADE),)
 
@@ -125,29 +123,26 @@ class WuerstchenStageCSampler:
             raise NodeError(f"{node}: LoRAs are a Stable Cascade feature; the Würstchen v2 prior takes none")
         _v2_sampler(sampler, node)
         samples = T.stage_c_in(latent, prior.model.config["c_in"], node, "latent", kinds.WUERSTCHEN_V2)
-        try:
+        with T.node_errors(node):
             v2.check_prior_latent_v2(*samples.shape[-2:], where=f"{node}: 'latent'")
-        except ValueError as exc:
-            raise NodeError(str(exc)) from None
+            settings = v2.PriorSettings(cfg=cfg, steps=steps or None)
         batch = samples.shape[0]
         text = v2.V2Text(_batched(T.v2_conditioning_in(positive, "v2_prior_text", node, "positive"), batch, node,
                                   "positive"),
                          _batched(T.v2_conditioning_in(negative, "v2_prior_text", node, "negative"), batch, node,
                                   "negative"))
         text = v2.V2Text(*v2.match_lengths(text.cond, text.uncond))
-        settings = v2.PriorSettings(cfg=cfg, steps=steps or None)
         img2img = denoise < 1.0
         progress = Progress(v2.prior_steps(settings, denoise if img2img else 1.0))
-        try:
-            with manager().running(prior.model), torch.no_grad():
-                x = v2.sample_prior_v2(prior.module, text, latent_size=tuple(samples.shape[-2:]),
-                                       generator=pipeline.cpu_generator(seed), settings=settings,
-                                       init_latent=samples if img2img else None, denoise=denoise,
-                                       callback=lambda i, n, _x: progress(i, n))
-        except ValueError as exc:
-            raise NodeError(f"{node}: {exc}") from None
+        with T.node_errors(node), manager().running(prior.model), torch.no_grad():
+            x = v2.sample_prior_v2(prior.module, text, latent_size=tuple(samples.shape[-2:]),
+                                   generator=pipeline.cpu_generator(seed), settings=settings,
+                                   init_latent=samples if img2img else None, denoise=denoise,
+                                   callback=lambda i, n, _x: progress(i, n))
         size, compression = T.stage_c_size(latent)
         return (T.stage_c_out(x, size, compression, kinds.WUERSTCHEN_V2),)
+
+
 
 
 class WuerstchenStageBSampler:
@@ -168,17 +163,17 @@ class WuerstchenStageBSampler:
             "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning; Stage B uses its pooled embedding."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (pooled embedding of the empty prompt)."}),
             "seed": SEED,
-            "steps": ("INT", {"default": 10, "min": 1, "max": 1000,
+            "steps": ("INT", {"default": 10, "min": 1, "max": limits.MAX_STEPS,
                               "tooltip": "Official: 10 (Würstchen v2 decoder: 12)."}),
             "cfg": ("FLOAT", {"default": 1.1, "min": 0.0, "max": 30.0, "step": 0.1,
                               "tooltip": "Official: 1.1 (Würstchen v2 decoder: 0 = off; guidance needs > 1)."}),
             "shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1,
                                 "tooltip": "Official: 1. Stable Cascade only."}),
             "sampler": _sampler_input(),
-            "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
+            "width": ("INT", {"default": 0, "min": 0, "max": limits.MAX_SIDE, "step": 8,
                               "tooltip": "Output width; 0 = the size the Stage C latent was made for. Würstchen v2: "
                                          "0 (its output size follows the prior latent)."}),
-            "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
+            "height": ("INT", {"default": 0, "min": 0, "max": limits.MAX_SIDE, "step": 8,
                                "tooltip": "Output height; 0 = the size the Stage C latent was made for. Würstchen "
                                           "v2: 0."}),
             "cfg_rho": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.05,
@@ -192,18 +187,15 @@ class WuerstchenStageBSampler:
             return self._sample_v2(sb, stage_c, positive, negative, seed, steps, cfg, sampler, width, height)
         latent_c = T.stage_c_in(stage_c, sb.model.config["c_effnet"], node, "stage_c")
         (auto_h, auto_w), _compression = T.stage_c_size(stage_c)
-        size = (height or auto_h, width or auto_w)
-        pipeline.check_size(size[0], size[1], node)
         cond = T.conditioning_in(positive, node, "positive")
         uncond = T.conditioning_in(negative, node, "negative")
-        settings = pipeline.StageBSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, cfg_rho=cfg_rho)
-        try:
-            with manager().running(sb.model), torch.no_grad():
-                x0 = pipeline.sample_stage_b(sb.module, latent_c, cond.clip_text_pooled, uncond.clip_text_pooled,
-                                             size=size, seed=seed, settings=settings, callback=Progress(steps))
-        except ValueError as exc:
-            raise NodeError(f"{node}: {exc}") from None
-        return (T.stage_b_out(x0),)
+        with T.node_errors(node):
+            size = pipeline.check_size(height or auto_h, width or auto_w, node)
+            settings = pipeline.StageBSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, cfg_rho=cfg_rho)
+        with T.node_errors(node), manager().running(sb.model), torch.no_grad():
+            x0 = pipeline.sample_stage_b(sb.module, latent_c, cond.clip_text_pooled, uncond.clip_text_pooled,
+                                         size=size, seed=seed, settings=settings, callback=Progress(steps))
+        return (T.stage_b_out(x0, size),)
 
     def _sample_v2(self, decoder, stage_c, positive, negative, seed, steps, cfg, sampler, width, height):
         """The Würstchen v2 decoder (pipeline_v2.sample_decoder_v2) on a v2 prior latent; the result is
@@ -223,13 +215,11 @@ class WuerstchenStageBSampler:
                          _batched(T.v2_conditioning_in(negative, "v2_decoder_text", node, "negative"), batch, node,
                                   "negative"))
         text = v2.V2Text(*v2.match_lengths(text.cond, text.uncond))
+        with T.node_errors(node):
+            settings = v2.DecoderSettings(steps=steps, cfg=cfg)
         progress = Progress(steps)
-        try:
-            with manager().running(decoder.model), torch.no_grad():
-                x = v2.sample_decoder_v2(decoder.module, v2_effnet_to_raw(latent.float()), text,
-                                         generator=pipeline.cpu_generator(seed),
-                                         settings=v2.DecoderSettings(steps=steps, cfg=cfg),
-                                         callback=lambda i, n, _x: progress(i, n))
-        except ValueError as exc:
-            raise NodeError(f"{node}: {exc}") from None
+        with T.node_errors(node), manager().running(decoder.model), torch.no_grad():
+            x = v2.sample_decoder_v2(decoder.module, v2_effnet_to_raw(latent.float()), text,
+                                     generator=pipeline.cpu_generator(seed), settings=settings,
+                                     callback=lambda i, n, _x: progress(i, n))
         return (T.v2_decoder_out(x),)

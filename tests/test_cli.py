@@ -48,7 +48,9 @@ def test_generate_and_missing_weights(tiny_dir, tmp_path, capsys):
                    "--height", "64", "--c-steps", "2", "--b-steps", "2", "--seed", "7"])
     assert rc == 0 and out.exists()
     assert Image.open(out).size == (64, 64)
-    rc = cli.main(["generate", "--prompt", "a cat", "--models", str(tmp_path / "nothing"), "--out", str(out)])
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    rc = cli.main(["generate", "--prompt", "a cat", "--models", str(tmp_path / "empty"), "--out", str(out)])
     assert rc == 2
     assert "Missing model weights" in capsys.readouterr().err
 
@@ -157,7 +159,7 @@ def test_inpainting_and_super_resolution_controls_chain(tiny_dir, pictures, tmp_
     (["--mask", "PICTURE"], "--mask is only used with --control inpainting=IMAGE"),
     (["--lora", "missing.safetensors:0.5"], "no such file 'missing.safetensors'"),
     (["--lora", "PICTURE"], "not a valid safetensors file"),
-    (["--image", "missing.png"], "--image 'missing.png': cannot read the image"),
+    (["--image", "missing.png"], "--image 'missing.png': no such file"),
 ])
 def test_usage_errors_are_one_line_before_any_model_loads(tiny_dir, pictures, tmp_path, monkeypatch, capsys, args,
                                                           message):

@@ -175,3 +175,35 @@ def test_loader_widgets_offer_fp8_after_the_existing_choices():
     for node in (WuerstchenStageCLoader, WuerstchenCheckpointLoader):
         choices, options = node.INPUT_TYPES()["required"]["dtype"]
         assert choices == list(DTYPES) and "fp8" in options["tooltip"]
+
+
+def test_a_lora_on_fp8_weights_keeps_its_change_in_the_compute_dtype(tiny_dir, tmp_path):
+    """Patched fp8 weights are held in the compute dtype (rounding them back to 8 bits would lose most
+    of a LoRA): each equals the fp8 base plus the change the same LoRA makes to a float32 model, to
+    bfloat16 rounding; unpatching restores the fp8 tensors."""
+    from wuerstchen import lora, tiny
+
+    path = tmp_path / "lora.safetensors"
+    tiny.write_tiny_lora(path, "kohya", tiny.STAGE_C, rank=2, seed=5)
+    lf = lora.load_lora(path)
+    f32 = load_file(tiny_dir / "stage_c.safetensors", kinds=["stage_c"], dtype=torch.float32).module
+    f32_params = dict(f32.named_parameters())
+    f32_base = {n: p.detach().clone() for n, p in f32_params.items()}
+    with lora.apply_loras(f32, [(lf, 1.0)], part="stage_c"):
+        change = {n: p.detach() - f32_base[n] for n, p in f32_params.items() if not torch.equal(p, f32_base[n])}
+
+    model = load_file(tiny_dir / "stage_c.safetensors", kinds=["stage_c"], dtype=E4M3, compute_dtype=torch.bfloat16)
+    params = dict(model.module.named_parameters())
+    before = {n: (p.dtype, p.detach().clone()) for n, p in params.items()}
+    fp8_changed = [n for n in change if before[n][0] == E4M3]
+    assert fp8_changed
+    with lora.apply_loras(model.module, [(lf, 1.0)], part="stage_c"):
+        for name in fp8_changed:
+            patched = params[name].detach()
+            assert patched.dtype == torch.bfloat16, name
+            exact = before[name][1].float() + change[name]
+            kept = (patched.float() - exact).abs().max()
+            rounded = (patched.to(E4M3).float() - exact).abs().max()
+            assert kept <= exact.abs().max() * 2 ** -7 and kept < rounded, name
+    for name, (dtype, value) in before.items():
+        assert params[name].dtype == dtype and torch.equal(params[name].detach(), value), name

@@ -15,9 +15,9 @@ from wuerstchen.lora import (
     official_lora_modules,
     parse_lora,
     patched_tensors,
-    write_tiny_lora,
 )
 from wuerstchen.models.stage_c import StageC
+from wuerstchen.tiny import write_tiny_lora
 
 TEXT_CONFIG = dict(hidden_size=24, intermediate_size=64, num_hidden_layers=3, projection_dim=24, vocab_size=49408)
 

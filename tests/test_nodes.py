@@ -35,7 +35,7 @@ def models(tmp_path_factory):
         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(320, 4),
         "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
     }, str(loras / "sdxl_kohya.safetensors"))
-    lora_lib.write_tiny_lora(loras / "stage_c_width_48.safetensors", "official",
+    tiny.write_tiny_lora(loras / "stage_c_width_48.safetensors", "official",
                              dict(tiny.STAGE_C, c_hidden=[48, 48], c_cond=48), rank=2)
     host.configure(root, manager=ModelManager())
     return root

@@ -11,7 +11,8 @@ import torch
 
 from conftest import load_parity
 from wuerstchen import pipeline, tiny
-from wuerstchen.lora import apply_loras, load_lora, write_tiny_lora
+from wuerstchen.lora import apply_loras, load_lora
+from wuerstchen.tiny import write_tiny_lora
 from wuerstchen.management import ModelManager
 from wuerstchen.models.stage_c import StageC
 from wuerstchen.streaming import Placement, SimulatedDevice, Transfers

@@ -179,6 +179,7 @@ def test_cli_with_both_or_neither_family(tmp_path, capsys):
     assert _generate("--models", str(both), "--out", str(out), "--width", str(SIZE), "--height", str(SIZE),
                      "--family", "v2", "--c-steps", "1", "--b-steps", "1") == 0
     assert "note:" not in capsys.readouterr().err
+    (tmp_path / "nothing").mkdir()
     assert _generate("--models", str(tmp_path / "nothing"), "--out", str(out)) == 2
     err = capsys.readouterr().err
     assert "no model family is complete" in err and "--family v3" in err and "--family v2" in err
@@ -206,10 +207,11 @@ def test_cli_defaults_are_each_familys_official_ones():
     def parsed(*extra):
         return cli._parser().parse_args(["generate", "--prompt", "p", "--models", "m", "--out", "o", *extra])
 
-    prior, decoder = cli.v2_settings(parsed())
+    prior, decoder, denoise = cli.v2_settings(parsed())
     assert prior.steps is None and prior.cfg == 4.0 and prior.grid().numel() == 30  # the hub's 29-step grid
-    assert (decoder.steps, decoder.cfg) == (12, 0.0)
-    prior, decoder = cli.v2_settings(parsed("--c-steps", "60", "--b-cfg", "2"))
-    assert prior.grid().numel() == 61 and decoder.cfg == 2.0
-    stage_c, stage_b, compression = cli.stable_cascade_settings(parsed(), img2img=False)
-    assert (stage_c, stage_b, compression) == (StageCSettings(), StageBSettings(), 42.67)
+    assert (decoder.steps, decoder.cfg, denoise) == (12, 0.0, 1.0)
+    prior, decoder, denoise = cli.v2_settings(parsed("--c-steps", "60", "--b-cfg", "2", "--image", "x.png"), True)
+    assert prior.grid().numel() == 61 and decoder.cfg == 2.0 and denoise == cli.IMG2IMG_DENOISE
+    with pytest.raises(cli.UsageError, match="--b-steps must be a whole number at least 1"):
+        cli.v2_settings(parsed("--b-steps", "0"))
+    assert cli._parse_settings(parsed(), image_given=False) == (StageCSettings(), StageBSettings())

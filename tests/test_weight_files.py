@@ -353,7 +353,7 @@ def test_the_bit_level_finiteness_test_agrees_with_torch(dtype, monkeypatch):
 
 def test_nan_in_a_lora_is_refused(tmp_path):
     path = tmp_path / "nan_lora.safetensors"
-    lora.write_tiny_lora(path, "official", tiny.STAGE_C, rank=2)
+    tiny.write_tiny_lora(path, "official", tiny.STAGE_C, rank=2)
     tensors = load_file(str(path))
     key = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
     tensors[key].view(-1)[0] = float("nan")

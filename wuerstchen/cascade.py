@@ -14,9 +14,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import control, pipeline
+from . import control, limits, pipeline
 from . import kinds as kind_table
-from .checkpoints import LoadedModel, inspect
+from .checkpoints import LoadedModel, build_module, inspect
 from .control import Control
 from .management import ModelManager
 from .model_files import SkippedFile, skipped_for, walk
@@ -24,6 +24,9 @@ from .pipeline import Conditioning, LoraUse, StageBSettings, StageCSettings
 
 
 logger = logging.getLogger("wuerstchen")
+
+
+IMAGE_MODES = ("img2img", "variation")
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -215,6 +218,58 @@ class Cascade:
             hints.append((net, control.Hint(net.module, inp, c.strength, c.start, c.end)))
         return hints
 
+    def _shapes_of(self, kind: str) -> torch.nn.Module:
+        """The network a file holds, built on the meta device from its config (shapes only, no weights)."""
+        _path, det = self.files.parts[kind]
+        with torch.device("meta"):
+            return build_module(kind, det.config)
+
+    def check_request(self, *, width: int, height: int, batch: int, stage_c: StageCSettings,
+                      stage_b: StageBSettings, image: Optional[torch.Tensor], image_mode: str, compression: float,
+                      controls: Sequence[Control]) -> Optional[torch.Tensor]:
+        """Everything :meth:`generate` checks before it loads a model: sizes, batch, settings, the
+        image, the ControlNets' widths against Stage C's and the memory the run needs (from the files'
+        configs). Raises :class:`~wuerstchen.limits.RequestError`; returns the image as [N, 3, H, W]."""
+        height, width = pipeline.check_size(height, width)
+        batch = limits.check_batch(batch)
+        compression = limits.check_compression(compression)
+        stage_c.check()
+        stage_b.check()
+        if image_mode not in IMAGE_MODES:
+            raise limits.RequestError(f"image_mode must be one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
+        if image is not None:
+            image = limits.check_images(image, f"the {image_mode} image")
+            if image_mode == "img2img" and image.shape[0] not in (1, batch):
+                raise limits.RequestError(f"{image.shape[0]} img2img images for a batch of {batch}; give one image "
+                                          "or one per image of the batch")
+            if image_mode == "img2img" and stage_c.denoise >= 1.0:
+                raise limits.RequestError("an img2img image was given but Stage C denoise is 1, which starts from "
+                                          "noise and ignores it; set denoise below 1 (official notebook: 0.6)")
+        needed = ["stage_c", "stage_b", "stage_a", "clip_text"]
+        if image is not None:
+            needed.append("effnet" if image_mode == "img2img" else "clip_vision")
+        if any(c.kind == "super_resolution" for c in controls):
+            needed.append("effnet")
+        self.files.require(needed, self.root)
+        for c in controls:
+            self.controlnet_file(c.kind)
+
+        sc, sb, sa = (self._shapes_of(k) for k in ("stage_c", "stage_b", "stage_a"))
+        widths = control.injection_widths(sc)
+        for c in controls:
+            det = next(d for d in inspect(self.files.controlnets[c.kind]) if d.kind == "controlnet")
+            control.check_widths(c.kind, int(det.config["c_proj"]), det.config["proj_blocks"], widths)
+        latent_c = pipeline.stage_c_latent_size(height, width, compression)
+        latent_b = pipeline.stage_b_latent_size(height, width, sb.embedding[0].downscale_factor)
+        img2img = image is not None and image_mode == "img2img"
+        needs = limits.estimate(batch=batch, size=(height, width), stage_c=(sc, latent_c, stage_c.cfg != 1),
+                                stage_b=(sb, latent_b, stage_b.cfg != 1),
+                                stage_a=(sa, latent_b, pipeline.auto_tile(*latent_b)),
+                                semantic=latent_c if img2img else None, dtype=self.manager.weight_dtype())
+        limits.check_memory(needs, self.manager.device, f"{width}x{height}, batch {batch}, compression {compression:g}",
+                            "lower the size or the batch, or raise the compression")
+        return image
+
     @torch.no_grad()
     def generate(
         self,
@@ -237,14 +292,12 @@ class Cascade:
         """Images [B, 3, H, W] in [0, 1]. ``image`` ([N, 3, H, W] in [0, 1]) is the img2img source
         (``image_mode='img2img'``, strength = ``stage_c.denoise``) or the variation reference.
         ``loras`` stack on Stage C (model strength) and on CLIP-G for both prompts (text strength);
-        ``controls`` chain ControlNet hints on Stage C, their step ranges counted in the steps run."""
-        pipeline.check_size(height, width)
-        needed = ["stage_c", "stage_b", "stage_a", "clip_text"]
-        if image is not None:
-            needed.append("effnet" if image_mode == "img2img" else "clip_vision")
-        if any(c.kind == "super_resolution" for c in controls):
-            needed.append("effnet")
-        self.files.require(needed, self.root)
+        ``controls`` chain ControlNet hints on Stage C, their step ranges counted in the steps run.
+
+        The request is checked before any model loads (:meth:`check_request`); any size from 64 to
+        8192 pixels works (Stage B runs on even latent sides, the image is cropped back)."""
+        image = self.check_request(width=width, height=height, batch=batch, stage_c=stage_c, stage_b=stage_b,
+                                   image=image, image_mode=image_mode, compression=compression, controls=controls)
         hints = self.control_hints(controls)
 
         cond = self.encode_prompts([prompt], loras)
@@ -288,4 +341,4 @@ class Cascade:
         sa = self.model("stage_a")
         with self.manager.running(sa):
             images = pipeline.decode_stage_a(sa.module, latent_b)
-        return images[:, :, :height, :width]
+        return pipeline.crop_to(images, (height, width))

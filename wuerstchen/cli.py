@@ -6,21 +6,33 @@ Würstchen v2; ``--family v2|v3`` picks one), with that family's official defaul
 ``generate`` takes LoRAs (``--lora PATH[:MODEL_STRENGTH[:TEXT_STRENGTH]]``, repeatable: stacked) and
 ControlNet hints (``--control KIND=IMAGE[:STRENGTH][:START:END]``, repeatable: chained, ``--mask``
 for inpainting). Everything the command line names is read and checked first: a value that cannot
-be used is one ``error:`` line and exit code 2 before any model loads.
+be used (a setting out of range, a file that is not there or not a picture, an output path that
+cannot be written, a device this machine lacks, a request that cannot fit in memory) is one
+``error:`` line and exit code 2 before any model loads. A finished image is never lost: if it cannot
+be written where ``--out`` says after all, it is saved under a safe name and the line says where.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-          "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+from .management import WEIGHT_DTYPES
+
+IMG2IMG_DENOISE = 0.6  # the official notebook's img2img strength
+# The flags that set each stage's sampler settings (named in refusals).
+STAGE_C_FLAGS = {"steps": "--c-steps", "cfg": "--c-cfg", "shift": "--c-shift", "cfg_rho": "--cfg-rho",
+                 "sampler": "--sampler", "denoise": "--denoise"}
+STAGE_B_FLAGS = {"steps": "--b-steps", "cfg": "--b-cfg", "shift": "--b-shift", "cfg_rho": "--cfg-rho",
+                 "sampler": "--b-sampler"}
 
 
 FAMILY_FLAGS = {"v3": "stable_cascade", "v2": "wuerstchen_v2"}  # --family -> wuerstchen.kinds family
@@ -84,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--b-sampler", choices=SAMPLERS, default=None, help="Stage B sampler (default: --sampler)")
     g.add_argument("--image", default=None, help="input image for img2img or --variation")
     g.add_argument("--variation", action="store_true", help="use --image as an image variation reference")
-    g.add_argument("--denoise", type=float, default=0.6, help="img2img strength (official notebook: 0.6)")
+    g.add_argument("--denoise", type=float, default=None,
+                   help=f"img2img strength in (0, 1], with --image (default {IMG2IMG_DENOISE}, the official notebook's)")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:MODEL_STRENGTH[:TEXT_STRENGTH]]",
                    help="apply a LoRA to Stage C (and its text part to CLIP-G); repeat to stack. TEXT_STRENGTH "
                         "defaults to MODEL_STRENGTH, which defaults to 1")
@@ -95,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", default=None, help="inpainting mask image (white = repaint), for --control inpainting")
     g.add_argument("--stage-c-variant", choices=["full", "lite"], default=None)
     g.add_argument("--stage-b-variant", choices=["full", "lite"], default=None)
-    g.add_argument("--dtype", choices=list(DTYPES), default="auto",
+    g.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default="auto",
                    help="weights dtype; fp8_*: Stage B/C matrix weights in 8 bits, computed in the auto dtype")
     g.add_argument("--vram-budget", type=_gib, default=None, metavar="GB",
                    help="GiB of weights kept on the GPU at once; a larger stage streams its blocks (default: "
@@ -119,16 +132,14 @@ def _gib(text: str) -> int:
 
 
 def _load_image(path: str, mode: str = "RGB", what: str = "--image") -> torch.Tensor:
-    """[1, C, H, W] in [0, 1] (C = 3 for RGB, 1 for a grey mask)."""
-    from PIL import Image, UnidentifiedImageError
+    """[1, C, H, W] in [0, 1] (C = 3 for RGB, 1 for a grey mask), 16-bit and float pictures scaled."""
+    from .images import read_image
+    from .limits import RequestError
 
     try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert(mode), dtype=np.uint8).copy()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UsageError(f"{what} {path!r}: cannot read the image ({exc.__class__.__name__}: {exc})") from None
-    t = torch.from_numpy(arr).float() / 255.0
-    return (t[None] if t.dim() == 2 else t.permute(2, 0, 1)).unsqueeze(0)
+        return read_image(path, mode, what)
+    except RequestError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _split_numbers(spec: str, most: int, what: str) -> tuple:
@@ -187,6 +198,83 @@ def parse_control(spec: str, mask: Optional[torch.Tensor]):
         raise UsageError(f"--control {spec!r}: {exc}") from None
 
 
+def _writable_folder(path: Path, what: str) -> None:
+    """Refuse a folder that cannot be made or written: its nearest existing ancestor must be a
+    writable folder (nothing is created here)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"{what}: {str(probe)!r} is a file, so no folder can be made there")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{what}: the folder {str(probe)!r} is not writable")
+
+
+def check_out(out: str) -> Path:
+    """The ``--out`` path, refused (before any work) when it is a folder, lacks a picture suffix
+    Pillow can write, or its folder cannot be written. Nothing is created."""
+    from PIL import Image
+
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        raise UsageError(f"--out {out!r} is a folder; give a file name such as {str(path / 'image.png')!r}")
+    Image.init()
+    suffix = path.suffix.lower()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if suffix not in writable:
+        found = f"the suffix {path.suffix!r}" if suffix else "no suffix"
+        raise UsageError(f"--out {out!r} has {found}; end it with .png (or another picture type: .jpg, .webp, "
+                         ".tif, .bmp)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"--out {out!r}: the file exists and is not writable")
+    _writable_folder(path.parent, f"--out {out!r}")
+    return path
+
+
+def _parse_settings(args, image_given: bool):
+    """Stable Cascade's two stages' settings (the options given, else the official values), each
+    refused by the flag that set it."""
+    from .limits import RequestError, check_sampling
+    from .pipeline import StageBSettings, StageCSettings
+
+    denoise = _denoise(args, image_given)
+    C, B = StageCSettings, StageBSettings  # their defaults are the official values
+    sampler = _or(args.sampler, C.sampler)
+    c = dict(steps=_or(args.c_steps, C.steps), cfg=_or(args.c_cfg, C.cfg), shift=_or(args.c_shift, C.shift),
+             sampler=sampler, cfg_rho=_or(args.cfg_rho, C.cfg_rho), denoise=denoise)
+    b = dict(steps=_or(args.b_steps, B.steps), cfg=_or(args.b_cfg, B.cfg), shift=_or(args.b_shift, B.shift),
+             sampler=args.b_sampler or sampler, cfg_rho=_or(args.cfg_rho, B.cfg_rho))
+    try:
+        check_sampling("Stage C", **c, names=STAGE_C_FLAGS)
+        check_sampling("Stage B", **b, names=STAGE_B_FLAGS)
+        return StageCSettings(**c), StageBSettings(**b)
+    except RequestError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_request(args) -> None:
+    """The command line's own values (folders, output, device, size, batch, compression)."""
+    from .limits import RequestError, check_batch, check_compression, check_device, check_size
+
+    models = Path(args.models)
+    if not models.is_dir():
+        problem = "is a file" if models.exists() else "does not exist"
+        raise UsageError(f"--models {args.models!r} {problem}; give the folder that holds the weight files")
+    if args.embeddings is not None and not Path(args.embeddings).is_dir():
+        raise UsageError(f"--embeddings {args.embeddings!r} is not a folder")
+    check_out(args.out)
+    try:
+        check_device(args.device, "--device")
+        check_size(args.height, args.width, "--width/--height")
+        check_batch(args.batch, "--batch")
+        if args.compression is not None:
+            check_compression(args.compression, "--compression")
+    except RequestError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _parse_inputs(args) -> tuple:
     """Everything the command line names, read and checked before any model loads."""
     image = _load_image(args.image) if args.image else None
@@ -200,21 +288,33 @@ def _parse_inputs(args) -> tuple:
     return image, loras, controls
 
 
-def _save_images(images: torch.Tensor, out: str) -> List[Path]:
+def _save_images(images: torch.Tensor, out: str) -> Tuple[List[Path], bool]:
+    """Write the images: (paths written, whether all went where ``out`` says). One that cannot be
+    written there after all (the disk filled, the folder went away) is saved as a PNG in the
+    temporary folder instead, and a line says where."""
     from PIL import Image
 
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, all_there = [], True
     for i, img in enumerate(images):
         arr = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
-        path = out_path if len(images) == 1 else out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix or '.png'}")
-        Image.fromarray(arr).save(path)
+        path = out_path if len(images) == 1 else out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix}")
+        picture = Image.fromarray(arr)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(path)
+        except (OSError, ValueError, KeyError) as exc:
+            fallback = Path(tempfile.gettempdir()) / f"wuerstchen-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{i}.png"
+            picture.save(fallback)
+            print(f"error: could not write {str(path)!r} ({exc.__class__.__name__}: {exc}); the image was saved to "
+                  f"{fallback} instead", file=sys.stderr)
+            path, all_there = fallback, False
         paths.append(path)
-    return paths
+    return paths, all_there
 
 
 def _progress_bars():
+    """(progress callback, the bars it opened): one tqdm bar per stage."""
     from tqdm import tqdm
 
     bars = {}
@@ -227,32 +327,28 @@ def _progress_bars():
         if i >= n:
             bar.close()
 
-    return progress
+    return progress, bars
 
 
 def _or(value, default):
     return default if value is None else value
 
 
-def stable_cascade_settings(args, img2img: bool) -> tuple:
-    """(StageCSettings, StageBSettings, compression): the options given, else the official values."""
-    from .pipeline import OFFICIAL_COMPRESSION, StageBSettings, StageCSettings
-
-    c, b = StageCSettings(), StageBSettings()
-    sampler = _or(args.sampler, c.sampler)
-    stage_c = StageCSettings(steps=_or(args.c_steps, c.steps), cfg=_or(args.c_cfg, c.cfg), shift=_or(args.c_shift, c.shift),
-                             sampler=sampler, cfg_rho=_or(args.cfg_rho, c.cfg_rho),
-                             denoise=args.denoise if img2img else 1.0)
-    stage_b = StageBSettings(steps=_or(args.b_steps, b.steps), cfg=_or(args.b_cfg, b.cfg), shift=_or(args.b_shift, b.shift),
-                             sampler=args.b_sampler or sampler, cfg_rho=_or(args.cfg_rho, b.cfg_rho))
-    return stage_c, stage_b, _or(args.compression, OFFICIAL_COMPRESSION)
+def _denoise(args, image_given: bool) -> float:
+    if args.variation and not image_given:
+        raise UsageError("--variation needs --image (the reference picture to make variations of)")
+    if args.denoise is not None and (not image_given or args.variation):
+        raise UsageError("--denoise is the img2img strength: it is only used with --image and without --variation")
+    return (IMG2IMG_DENOISE if args.denoise is None else args.denoise) if image_given and not args.variation else 1.0
 
 
-def v2_settings(args) -> tuple:
-    """(PriorSettings, DecoderSettings) for Würstchen v2, refusing the options only Stable Cascade has.
+def v2_settings(args, image_given: bool = False) -> tuple:
+    """(PriorSettings, DecoderSettings, denoise) for Würstchen v2, refusing the options only Stable
+    Cascade has and sizes the v2 decoder cannot make.
 
     The prior runs the hub's 29-step grid unless ``--c-steps`` asks for N uniform steps; the decoder
     12 steps without guidance unless ``--b-steps``/``--b-cfg`` say otherwise."""
+    from .limits import RequestError, check_number
     from .pipeline_v2 import DecoderSettings, PriorSettings, check_size_v2
 
     for dest, flag, why in _STABLE_CASCADE_ONLY:
@@ -262,24 +358,29 @@ def v2_settings(args) -> tuple:
     if args.sampler not in (None, "ddpm"):
         raise UsageError(f"--sampler {args.sampler}: Würstchen v2 samples with its own DDPM scheduler only "
                          "(--sampler ddpm, or leave it out)")
-    for flag, value in (("--c-steps", args.c_steps), ("--b-steps", args.b_steps)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: give at least 1 step")
+    denoise = _denoise(args, image_given)
     try:
         check_size_v2(args.height, args.width, where="--width/--height")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    prior, decoder = PriorSettings(), DecoderSettings()
-    return (PriorSettings(cfg=_or(args.c_cfg, prior.cfg), steps=args.c_steps),
-            DecoderSettings(steps=_or(args.b_steps, decoder.steps), cfg=_or(args.b_cfg, decoder.cfg)))
+        check_number(denoise, "--denoise", above=0, maximum=1, official=IMG2IMG_DENOISE)
+        prior = PriorSettings(cfg=_or(args.c_cfg, PriorSettings.cfg), steps=args.c_steps)
+        decoder = DecoderSettings(steps=_or(args.b_steps, DecoderSettings.steps), cfg=_or(args.b_cfg, DecoderSettings.cfg))
+    except (RequestError, ValueError) as exc:
+        message = str(exc)
+        for name, flag in (("prior steps", "--c-steps"), ("prior cfg", "--c-cfg"), ("decoder steps", "--b-steps"),
+                           ("decoder cfg", "--b-cfg")):
+            message = message.replace(name, flag, 1) if message.startswith(name) else message
+        raise UsageError(message) from None
+    return prior, decoder, denoise
 
 
 def cmd_generate(args) -> int:
     from .cascade import Cascade, CascadeFiles, MissingWeightsError
+    from .limits import NonFiniteError, RequestError
     from .management import ModelManager
+    from .pipeline import OFFICIAL_COMPRESSION
 
     try:
-        image, loras, controls = _parse_inputs(args)
+        _check_request(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -289,54 +390,75 @@ def cmd_generate(args) -> int:
     except MissingWeightsError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    v2 = family == FAMILY_FLAGS["v2"]
+    try:
+        if v2:
+            prior, decoder, denoise = v2_settings(args, args.image is not None)
+        else:
+            stage_c, stage_b = _parse_settings(args, args.image is not None)
+        image, loras, controls = _parse_inputs(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if note:
         print(f"note: {note}", file=sys.stderr)
-    manager = ModelManager(dtype=DTYPES[args.dtype], device=args.device, memory_budget=args.vram_budget)
+    manager = ModelManager(dtype=WEIGHT_DTYPES[args.dtype], device=args.device, memory_budget=args.vram_budget)
     embeddings = args.embeddings or str(Path(args.models) / "embeddings")
-    progress = _progress_bars()
+    progress, bars = _progress_bars()
     try:
-        if family == FAMILY_FLAGS["v2"]:
-            images = _generate_v2(args, files, manager, embeddings, image, progress)
+        if v2:
+            images = _generate_v2(args, files, manager, embeddings, image, prior, decoder, denoise, progress)
         else:
-            stage_c, stage_b, compression = stable_cascade_settings(args, image is not None and not args.variation)
             cascade = Cascade(files, manager, root=args.models, embeddings=embeddings)
             images = cascade.generate(
                 args.prompt, args.negative, width=args.width, height=args.height, batch=args.batch, seed=args.seed,
                 stage_c=stage_c, stage_b=stage_b, image=image, image_mode="variation" if args.variation else "img2img",
-                compression=compression, loras=loras, controls=controls, progress=progress,
+                compression=_or(args.compression, OFFICIAL_COMPRESSION), loras=loras, controls=controls,
+                progress=progress,
             )
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except MissingWeightsError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except (ValueError, OSError) as exc:
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (NonFiniteError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for path in _save_images(images, args.out):
+    finally:
+        for bar in bars.values():
+            bar.close()
+    paths, all_there = _save_images(images, args.out)
+    for path in paths:
         print(f"wrote {path}")
-    return 0
+    return 0 if all_there else 1
 
 
-def _generate_v2(args, files, manager, embeddings, image, progress) -> torch.Tensor:
+def _generate_v2(args, files, manager, embeddings, image, prior, decoder, denoise, progress) -> torch.Tensor:
     from .cascade_v2 import CascadeV2
     from .pipeline_v2 import output_size
 
-    prior, decoder = v2_settings(args)
     real = output_size(args.height, args.width)
     if real != (args.height, args.width):
         print(f"note: Würstchen v2 makes {real[1]}x{real[0]} for {args.width}x{args.height} (its latent sizes "
               "are fixed fractions of the image)", file=sys.stderr)
     cascade = CascadeV2(files, manager, root=args.models, embeddings=embeddings)
     return cascade.generate(args.prompt, args.negative, width=args.width, height=args.height, batch=args.batch,
-                            seed=args.seed, prior=prior, decoder=decoder, image=image, denoise=args.denoise,
+                            seed=args.seed, prior=prior, decoder=decoder, image=image, denoise=denoise,
                             progress=progress)
 
 
 def cmd_tiny_models(args) -> int:
     from .tiny import write_tiny_models
 
+    folder = Path(args.dir)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"tiny-models {args.dir!r} is a file; give a folder to write the checkpoints into")
+        _writable_folder(folder, f"tiny-models {args.dir!r}")
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     written = write_tiny_models(args.dir, seed=args.seed)
     for path in written:
         print(path)

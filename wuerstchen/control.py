@@ -14,6 +14,11 @@ image the user gives (images are [B, 3, H, W] in [0, 1], masks [B, 1, H, W], 1 =
 * ``super_resolution`` (16 channels): the official SREffnetFilter, given the low-resolution image:
   its EfficientNet latent (1/32 of its size) upscaled 2x (nearest).
 
+Masks and images pair by batch: one mask serves every image, one image every mask, otherwise
+there must be as many of each (:func:`wuerstchen.limits.match_batches`). A ControlNet injects maps
+of one width into given Stage C ResBlocks; :func:`check_fits` refuses a Stage C of another width
+(the released ControlNets were made for the full 3.6B Stage C, not the lite one) before sampling.
+
 A hint's step range runs on the sampling clock: with n steps in the run (for img2img, the steps
 actually run), step i (from 0) uses the hint when ``start <= i / n < end``; 20 steps with 0 to 0.5
 is exactly the first 10. Several hints add their strength-scaled maps at the steps they share.
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import limits
 from .sampling import StepInput
 
 KINDS = ("canny", "inpainting", "super_resolution")
@@ -149,24 +155,21 @@ def canny_input(images: torch.Tensor) -> torch.Tensor:
     return canny_edges(images)
 
 
-def fit_mask(mask: torch.Tensor, batch: int, size: Tuple[int, int]) -> torch.Tensor:
-    """A [B, 1, h, w] (or [B, h, w] / [h, w]) mask as 0/1 at ``size`` (nearest) for ``batch`` images."""
-    m = mask.float()
-    while m.dim() < 4:
-        m = m.unsqueeze(0) if m.dim() < 3 else m.unsqueeze(1)
+def fit_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """A mask ([H, W], [B, H, W], [B, 1, H, W] or [B, H, W, 1]) as [B, 1, H, W] 0/1 at ``size`` (nearest)."""
+    m = limits.check_masks(mask, "inpainting mask")
     if tuple(m.shape[-2:]) != tuple(size):
         m = F.interpolate(m, size=tuple(size), mode="nearest")
-    if m.shape[0] != batch:
-        m = m[:1].expand(batch, -1, -1, -1)
     return (m > 0.5).float()
 
 
 def inpainting_input(images: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Inpainting ControlNet input [B, 4, H, W]: the image whitened under the mask, then the mask."""
+    """Inpainting ControlNet input [B, 4, H, W]: the image whitened under the mask, then the mask.
+    One mask serves every image and one image every mask; other batch sizes must match."""
     if mask is None:
         raise ControlInputError("the inpainting ControlNet needs a mask (white = area to repaint)", "mask")
     x = images.float()
-    m = fit_mask(mask, x.shape[0], x.shape[-2:])
+    x, m = limits.match_batches(x, fit_mask(mask, x.shape[-2:]), "inpainting")
     return torch.cat([torch.where(m > 0.5, torch.ones_like(x), x), m], dim=1)
 
 
@@ -188,12 +191,9 @@ def super_resolution_input(effnet: Optional[nn.Module], images: torch.Tensor) ->
 def control_input(kind: str, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
                   effnet: Optional[nn.Module] = None) -> torch.Tensor:
     """The input a ControlNet of ``kind`` (see :func:`kind_of`) expects, from an image (and mask)."""
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"control images must be [B, 3, H, W] in [0, 1], got shape {list(images.shape)}")
+    images = limits.check_images(images, f"the {kind} control image", keep_grey=kind == "canny")
     if kind == "canny":
         return canny_input(images)
-    if images.shape[1] != 3:
-        raise ValueError(f"the {kind} ControlNet needs an RGB image, got {images.shape[1]} channel(s)")
     if kind == "inpainting":
         return inpainting_input(images, mask)
     if kind == "super_resolution":
@@ -215,6 +215,49 @@ def check_range(strength: float, start: float, end: float) -> None:
         raise ValueError(f"ControlNet start ({start}) and end ({end}) are fractions of the steps, between 0 and 1")
     if float(end) < float(start):
         raise ValueError(f"ControlNet end ({end}) is before start ({start})")
+
+
+def injection_widths(stage_c: nn.Module) -> List[int]:
+    """The width of each ResBlock call of a Stage C forward, in the order ControlNet maps are
+    injected (down path, then up path, repeats included), read from the model's blocks."""
+    from .models.blocks import ResBlock
+
+    widths: List[int] = []
+    for blocks, mappers in ((stage_c.down_blocks, stage_c.down_repeat_mappers),
+                            (stage_c.up_blocks, stage_c.up_repeat_mappers)):
+        for level, repeats in zip(blocks, mappers):
+            for _ in range(len(repeats) + 1):
+                widths += [b.depthwise.in_channels for b in level if isinstance(b, ResBlock)]
+    return widths
+
+
+def check_widths(kind: str, c_proj: int, proj_blocks: Sequence[int], widths: Sequence[int]) -> None:
+    """Refuse a ControlNet whose maps (``c_proj`` wide, for ResBlocks ``proj_blocks``) do not fit a
+    Stage C whose ResBlock calls are ``widths`` wide, naming the Stage C it was made for."""
+    used = [i for i in proj_blocks if i < len(widths)]
+    wrong = [i for i in used if widths[i] != c_proj]
+    if used and not wrong:
+        return
+    from .configs import STAGE_C
+    from .kinds import title
+
+    made_for = [title("stage_c", v) for v, cfg in STAGE_C.items() if cfg["c_hidden"][0] == c_proj]
+    target = f"the {made_for[0]}" if made_for else f"a Stage C {c_proj} wide"
+    if wrong:
+        problem = f"its maps are {c_proj} wide but this Stage C is {widths[wrong[0]]} wide"
+    else:
+        problem = f"it injects into ResBlocks {list(proj_blocks)} but this Stage C has only {len(widths)}"
+    raise limits.RequestError(f"the {kind} ControlNet does not fit this Stage C: {problem}; it was made for "
+                              f"{target}: load that Stage C, or a ControlNet made for this one")
+
+
+def check_fits(net: nn.Module, stage_c: nn.Module) -> None:
+    """:func:`check_widths` for a loaded ControlNet and Stage C (before any ControlNet runs); a
+    Stage C of another build (without the official blocks) is left to its forward."""
+    if not hasattr(stage_c, "down_blocks") or not hasattr(net, "projections"):
+        return
+    kind = kind_of({"c_in": net.c_in, "bottleneck_mode": net.bottleneck_mode})
+    check_widths(kind, net.projections[0][-1].out_channels, net.proj_blocks, injection_widths(stage_c))
 
 
 def active_steps(start: float, end: float, steps: int) -> range:

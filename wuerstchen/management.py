@@ -165,6 +165,12 @@ class LocalPlacer(Placer):
             torch.cuda.empty_cache()
 
 
+# The weight dtypes a user can choose, by the names the CLI and the loader nodes show. New choices go
+# at the end: saved ComfyUI workflows store the choice by name and keep working.
+WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
 def physical_memory() -> Optional[int]:
     """Bytes of RAM of this machine, or None where the OS does not say."""
     try:

@@ -17,20 +17,22 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import sampling
-from .control import ControlSchedule, Hint
+from . import limits, sampling
+from .configs import STAGE_B as _STAGE_B_CONFIGS
+from .control import ControlSchedule, Hint, check_fits
 from .models.effnet import effnet_preprocess
 from .schedule import img2img_steps
 
 OFFICIAL_COMPRESSION = 42.67
 STAGE_B_COMPRESSION = 4
+STAGE_B_PATCH = _STAGE_B_CONFIGS["full"]["patch_size"]  # Stage B latent sides are multiples of this
 EFFNET_COMPRESSION = 32
 STAGE_A_SCALE = 0.43
 AUTO_TILE_CELLS = 192 * 192  # Stage B latents larger than this are decoded in tiles by default
@@ -39,8 +41,27 @@ AUTO_TILE = 128
 ProgressFn = Callable[[int, int, torch.Tensor], None]
 
 
+class _Settings:
+    """Sampler settings that refuse, on construction and before each run, values that cannot run
+    (see :func:`wuerstchen.limits.check_sampling`); the defaults are the official values."""
+
+    STAGE = ""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self, names=None) -> None:
+        """Raise :class:`~wuerstchen.limits.RequestError` naming the first unusable setting;
+        ``names`` maps a setting to what the caller calls it (e.g. a CLI flag)."""
+        official = {f.name: f.default for f in fields(self)}
+        limits.check_sampling(self.STAGE, steps=self.steps, cfg=self.cfg, shift=self.shift, cfg_rho=self.cfg_rho,
+                              sampler=self.sampler, denoise=getattr(self, "denoise", 1.0), official=official,
+                              names=names)
+
+
 @dataclass
-class StageCSettings:
+class StageCSettings(_Settings):
+    STAGE = "Stage C"
     steps: int = 20
     cfg: float = 4.0
     shift: float = 2.0
@@ -54,7 +75,8 @@ class StageCSettings:
 
 
 @dataclass
-class StageBSettings:
+class StageBSettings(_Settings):
+    STAGE = "Stage B"
     steps: int = 10
     cfg: float = 1.1
     shift: float = 1.0
@@ -143,11 +165,26 @@ def text_loras(text_encoder: nn.Module, loras: Sequence[LoraUse]):
 
 def stage_c_latent_size(height: int, width: int, compression: float = OFFICIAL_COMPRESSION) -> Tuple[int, int]:
     """Stage C latent (h, w) for an output size, as the official ``calculate_latent_sizes``."""
+    compression = limits.check_compression(compression)
     return math.ceil(height / compression), math.ceil(width / compression)
 
 
-def stage_b_latent_size(height: int, width: int) -> Tuple[int, int]:
-    return math.ceil(height / STAGE_B_COMPRESSION), math.ceil(width / STAGE_B_COMPRESSION)
+def stage_b_latent_size(height: int, width: int, multiple: int = STAGE_B_PATCH) -> Tuple[int, int]:
+    """Stage B latent (h, w) for an output size: ceil(side / 4) (official), rounded up to a multiple of
+    Stage B's patch size, which its patch embedding needs. Sides that are multiples of 8 pixels are
+    exactly side / 4; any other side gets up to 7 more pixels, which :func:`crop_to` removes after
+    the decode, so every size from 64 to 8192 works."""
+    def side(n: int) -> int:
+        return math.ceil(math.ceil(n / STAGE_B_COMPRESSION) / multiple) * multiple
+
+    return side(height), side(width)
+
+
+def crop_to(images: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """Decoded images cropped to the size they were made for (see :func:`stage_b_latent_size`)."""
+    if size is None:
+        return images
+    return images[..., :int(size[0]), :int(size[1])]
 
 
 def output_size_from_stage_c(latent_h: int, latent_w: int, compression: float = OFFICIAL_COMPRESSION) -> Tuple[int, int]:
@@ -164,11 +201,9 @@ def output_size(latent_size: Tuple[int, int], made_for: Optional[Tuple[int, int]
     return output_size_from_stage_c(latent_size[0], latent_size[1], compression)
 
 
-def check_size(height: int, width: int, where: str = "size") -> None:
-    if height < 64 or width < 64:
-        raise ValueError(f"{where}: {width}x{height} is too small; use at least 64 pixels per side (1024x1024 is what the models were trained for)")
-    if height > 8192 or width > 8192:
-        raise ValueError(f"{where}: {width}x{height} is too large; at most 8192 pixels per side")
+def check_size(height: int, width: int, where: str = "size") -> Tuple[int, int]:
+    """Refuse output sizes outside 64..8192 pixels per side (see :func:`wuerstchen.limits.check_size`)."""
+    return limits.check_size(height, width, where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,13 +227,14 @@ def encode_image_embeds(vision_encoder: nn.Module, images: torch.Tensor) -> torc
     """ViT-L/14 ``image_embeds`` [B, 768] of images [B, 3, H, W] in [0, 1] (official preprocessing)."""
     from . import preprocess
 
+    images = limits.check_images(images, "image variation reference")
     param = _model_param(vision_encoder)
-    channels_last = images.float().permute(0, 2, 3, 1)  # clip_preprocess reads pictures channels-last
+    channels_last = images.permute(0, 2, 3, 1)  # clip_preprocess reads pictures channels-last
     pixels = preprocess.clip_preprocess_official(channels_last).to(param.device, param.dtype)
     return vision_encoder.encode(pixels).float().cpu()
 
 
-def _check_conditioning(stage_c: nn.Module, cond: Conditioning) -> None:
+def _check_conditioning(stage_c: nn.Module, cond: Conditioning, side: str = "positive") -> None:
     """Refuse conditioning whose widths do not fit Stage C (made by another text or image encoder)."""
     text, pooled = stage_c.clip_txt_mapper.in_features, stage_c.clip_txt_pooled_mapper.in_features
     if cond.clip_text.shape[-1] != text or cond.clip_text_pooled.shape[-1] != pooled:
@@ -208,12 +244,22 @@ def _check_conditioning(stage_c: nn.Module, cond: Conditioning) -> None:
     if cond.clip_img is not None and cond.clip_img.shape[-1] != image:
         raise ValueError(f"image tokens are {cond.clip_img.shape[-1]} wide, this Stage C expects {image} "
                          "(the ViT-L/14 image encoder)")
+    _check_finite_conditioning(cond, side)
+
+
+def _check_finite_conditioning(cond: Conditioning, side: str) -> None:
+    for name, t in (("text", cond.clip_text), ("pooled text", cond.clip_text_pooled), ("image", cond.clip_img)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise limits.RequestError(f"the {side} conditioning's {name} embedding holds NaN or inf values; "
+                                      "lower the prompt weights, LoRA text strengths or image strengths that "
+                                      "made it")
 
 
 def with_image_embeds(cond: Conditioning, embeds: torch.Tensor, strengths: Optional[Sequence[float]] = None) -> Conditioning:
     """Add image tokens (one per image, scaled by its strength) to a conditioning, as variations do."""
     embeds = embeds.float()
     if strengths is not None:
+        strengths = [limits.check_number(s, "image variation strength", official=1.0) for s in strengths]
         embeds = embeds * torch.tensor(list(strengths), dtype=embeds.dtype)[:, None]
     tokens = embeds.unsqueeze(0).expand(cond.clip_text.shape[0], -1, -1)  # every prompt sees every image
     existing = cond.clip_img
@@ -250,23 +296,38 @@ def sample_stage_c(
 
     ``loras`` patch Stage C for this call only. Each ControlNet hint in ``control`` runs once and its
     maps reach Stage C as ``cnet`` at the steps of its range, counted in the steps this run takes.
+
+    Everything is checked before the first model call (settings, conditioning, ControlNet widths,
+    the memory the run needs: :class:`~wuerstchen.limits.RequestError`); a step whose result is
+    not finite stops the run with :class:`~wuerstchen.limits.NonFiniteError`.
     """
-    for side in (cond, uncond):
-        _check_conditioning(model, side)
-    device = _model_param(model).device
+    settings.check()
+    for side, c in (("positive", cond), ("negative", uncond)):
+        _check_conditioning(model, c, side)
+    param = _model_param(model)
+    img2img = init_latent is not None and settings.denoise < 1.0
+    if shape is None and init_latent is None:
+        raise ValueError("sample_stage_c needs a latent shape or an init_latent")
+    shape = tuple(init_latent.shape) if img2img or shape is None else tuple(shape)
+    _check_latent_shape(model, shape, "Stage C latent")
+    if init_latent is not None and img2img:
+        limits.check_finite_input(init_latent, "the img2img Stage C latent", "encode the image again")
+    batch = limits.check_batch(shape[0], "batch")
+    for hint in control:
+        check_fits(hint.net, model)
+    limits.check_memory(limits.estimate(batch=batch, stage_c=(model, shape[-2:], settings.cfg != 1)), param.device,
+                        f"Stage C with a {shape[-1]}x{shape[-2]} latent, batch {batch}",
+                        "lower the size or the batch, or raise the compression")
     generator = cpu_generator(seed)
     c_clip_img = model.clip_img_mapper.in_features
-    if init_latent is not None and settings.denoise < 1.0:
-        batch = init_latent.shape[0]
+    if img2img:
         t_start = float(settings.denoise)
         steps = img2img_steps(settings.steps, t_start)
         x_init = sampling.noise_to(init_latent.float(), t_start, generator=generator)
     else:
-        if shape is None:
-            shape = tuple(init_latent.shape)
-        batch = shape[0]
         t_start, steps = 1.0, settings.steps
         x_init = torch.randn(shape, generator=generator)
+    device = param.device
     cond_in = cond.stage_c_inputs(batch, c_clip_img)
     uncond_in = uncond.stage_c_inputs(batch, c_clip_img)
     _match_token_counts(cond_in, uncond_in)
@@ -277,9 +338,31 @@ def sample_stage_c(
         x0 = sampling.sample(
             model, x_init.to(device), cond_in, uncond_in, steps=steps, cfg=settings.cfg, shift=settings.shift,
             cfg_rho=settings.cfg_rho, t_start=t_start, sampler=settings.sampler, generator=generator,
-            callback=callback,
+            callback=_finite_steps("Stage C", model, callback),
         )
     return x0.float().cpu()
+
+
+def _check_latent_shape(model: nn.Module, shape: Sequence[int], what: str) -> None:
+    if len(shape) != 4 or min(shape) < 1:
+        raise limits.RequestError(f"the {what} must be [batch, channels, height, width] with every side at least 1, "
+                                  f"got {list(shape)}")
+    if not hasattr(model, "embedding"):  # another build of the model: its forward checks the rest
+        return
+    patch = model.embedding[0].downscale_factor
+    channels = model.embedding[1].in_channels // (patch ** 2)
+    if shape[1] != channels:
+        raise limits.RequestError(f"the {what} must be [batch, {channels}, height, width], got {list(shape)}")
+    if shape[2] % patch or shape[3] % patch:
+        raise limits.RequestError(f"the {what} is {shape[3]}x{shape[2]}; this model needs sides that are multiples "
+                                  f"of {patch}")
+
+
+def _finite_steps(stage: str, model: nn.Module, callback: Optional[ProgressFn]) -> ProgressFn:
+    """``callback`` behind a check that stops sampling at the first step whose x0 is not finite."""
+    dtype = _model_param(model).dtype
+    guard = bool(getattr(model, "fp16_guard", False))
+    return limits.finite_callback(stage, dtype, callback, fp16_guard=guard)
 
 
 def _match_token_counts(cond: Dict[str, torch.Tensor], uncond: Dict[str, torch.Tensor]) -> None:
@@ -324,15 +407,31 @@ def sample_stage_b(
     settings: StageBSettings = StageBSettings(),
     callback: Optional[ProgressFn] = None,
 ) -> torch.Tensor:
-    """Sample the Stage B latent [B, 4, H/4, W/4] (official scale) for output ``size`` (H, W)."""
+    """Sample the Stage B latent [B, 4, h, w] (official scale) for output ``size`` (H, W); h and w
+    are :func:`stage_b_latent_size`: H/4 and W/4, rounded up to even sides (crop the decoded image
+    to ``size`` with :func:`crop_to`). Checked before the first model call, stopped at the first
+    step whose result is not finite, like :func:`sample_stage_c`."""
+    settings.check()
+    height, width_px = limits.check_size(size[0], size[1], "Stage B output size")
     width = model.clip_mapper.in_features
     for p in (pooled, pooled_uncond):
         if p.shape[-1] != width:
             raise ValueError(f"pooled text embedding is {p.shape[-1]} wide, Stage B expects {width}")
-    device = _model_param(model).device
-    batch = stage_c_latent.shape[0]
-    h, w = stage_b_latent_size(*size)
-    c_in = model.embedding[1].in_channels // (model.embedding[0].downscale_factor ** 2) if hasattr(model, "embedding") else 4
+        if not bool(torch.isfinite(p).all()):
+            raise limits.RequestError("the pooled text embedding holds NaN or inf values; lower the prompt weights "
+                                      "or LoRA text strengths that made it")
+    if stage_c_latent.dim() != 4 or stage_c_latent.numel() == 0:
+        raise limits.RequestError(f"the Stage C latent must be [batch, 16, h, w], got {list(stage_c_latent.shape)}")
+    limits.check_finite_input(stage_c_latent, "the Stage C latent given to Stage B",
+                              "the stage that made it failed; sample Stage C again")
+    param = _model_param(model)
+    device = param.device
+    batch = limits.check_batch(stage_c_latent.shape[0], "batch")
+    patch = model.embedding[0].downscale_factor if hasattr(model, "embedding") else STAGE_B_PATCH
+    h, w = stage_b_latent_size(height, width_px, patch)
+    c_in = model.embedding[1].in_channels // (patch ** 2) if hasattr(model, "embedding") else 4
+    limits.check_memory(limits.estimate(batch=batch, stage_b=(model, (h, w), settings.cfg != 1)), device,
+                        f"Stage B at {width_px}x{height}, batch {batch}", "lower the size or the batch")
     generator = cpu_generator(seed)
     x_init = torch.randn((batch, c_in, h, w), generator=generator)
     effnet = stage_c_latent.float()
@@ -341,7 +440,7 @@ def sample_stage_b(
     x0 = sampling.sample(
         model, x_init.to(device), _to(cond, device), _to(uncond, device), steps=settings.steps, cfg=settings.cfg,
         shift=settings.shift, cfg_rho=settings.cfg_rho, t_start=1.0, sampler=settings.sampler,
-        generator=generator, callback=callback,
+        generator=generator, callback=_finite_steps("Stage B", model, callback),
     )
     return x0.float().cpu()
 
@@ -370,15 +469,26 @@ def decode_stage_a(stage_a: nn.Module, latent: torch.Tensor, tile: Optional[int]
 
     ``tile`` > 0 decodes latent tiles of that size with ``overlap`` and blends them linearly,
     so memory stays bounded for large images (the decoder's receptive field is small); None picks
-    :func:`auto_tile`, 0 decodes in one piece.
+    :func:`auto_tile`, 0 decodes in one piece. A latent or a result holding NaN/inf raises
+    :class:`~wuerstchen.limits.NonFiniteError`.
     """
     param = _model_param(stage_a)
-    x = latent.to(param.device, param.dtype)
-    b, _, h, w = x.shape
+    if latent.dim() != 4 or latent.numel() == 0 or latent.shape[1] != stage_a.c_latent:
+        raise limits.RequestError(f"the Stage B latent must be [batch, {stage_a.c_latent}, h, w], got "
+                                  f"{list(latent.shape)}")
+    limits.check_finite_input(latent, "the Stage B latent given to Stage A",
+                              "the stage that made it failed; sample Stage B again")
+    b, _, h, w = latent.shape
     if tile is None:
         tile = auto_tile(h, w)
+    limits.check_memory(limits.estimate(batch=b, stage_a=(stage_a, (h, w), max(tile, 0)), size=(4 * h, 4 * w)),
+                        param.device, f"Stage A decode of a {w}x{h} latent, batch {b}",
+                        "lower the size or the batch, or decode in smaller tiles")
+    x = latent.to(param.device, param.dtype)
     if tile <= 0 or (h <= tile and w <= tile):
-        out = stage_a.decode(x).float().clamp(0, 1).cpu()
+        out = stage_a.decode(x).float()
+        _check_decoded(out, param.dtype)
+        out = out.clamp(0, 1).cpu()
         if callback:
             callback(1, 1)
         return out
@@ -390,6 +500,7 @@ def decode_stage_a(stage_a: nn.Module, latent: torch.Tensor, tile: Optional[int]
     for y0 in ys:
         for x0 in xs:
             part = stage_a.decode(x[:, :, y0:y0 + tile, x0:x0 + tile]).float().cpu()
+            _check_decoded(part, param.dtype)
             if out is None:
                 scale = part.shape[-1] // min(tile, w)
                 out = torch.zeros(b, part.shape[1], h * scale, w * scale)
@@ -403,6 +514,10 @@ def decode_stage_a(stage_a: nn.Module, latent: torch.Tensor, tile: Optional[int]
             if callback:
                 callback(done, total)
     return (out / weight.clamp_min(1e-8)).clamp(0, 1)
+
+
+def _check_decoded(images: torch.Tensor, dtype: torch.dtype) -> None:
+    limits.check_finite(images, "Stage A decode", dtype)
 
 
 def _blend_mask(h: int, w: int, ramp: int, *, top: bool, left: bool, bottom: bool, right: bool) -> torch.Tensor:
@@ -423,13 +538,19 @@ def _blend_mask(h: int, w: int, ramp: int, *, top: bool, left: bool, bottom: boo
 def encode_stage_a(stage_a: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1] -> official-scale Stage B latent (unquantized, as the official
     pipeline). Sizes are cropped to a multiple of 4, the VQGAN's compression."""
+    images = limits.check_images(images, "Stage A encode image")
     h, w = (images.shape[-2] // STAGE_B_COMPRESSION) * STAGE_B_COMPRESSION, (images.shape[-1] // STAGE_B_COMPRESSION) * STAGE_B_COMPRESSION
     if h == 0 or w == 0:
-        raise ValueError(f"image of {images.shape[-1]}x{images.shape[-2]} is too small for Stage A; it needs at "
-                         f"least {STAGE_B_COMPRESSION} pixels per side")
+        raise limits.RequestError(f"image of {images.shape[-1]}x{images.shape[-2]} is too small for Stage A; it "
+                                  f"needs at least {STAGE_B_COMPRESSION} pixels per side")
     param = _model_param(stage_a)
+    batch = limits.check_batch(images.shape[0], "Stage A encode batch")
+    limits.check_memory(limits.estimate(batch=batch, stage_a=(stage_a, (h // 4, w // 4), 0)), param.device,
+                        f"Stage A encode of {w}x{h} images, batch {batch}", "encode smaller images")
     x = images[:, :, :h, :w].to(param.device, param.dtype)
-    return stage_a.encode(x, quantize=False)[0].float().cpu()
+    latent = stage_a.encode(x, quantize=False)[0].float()
+    limits.check_finite(latent, "Stage A encode", param.dtype)
+    return latent.cpu()
 
 
 def semantic_input(images: torch.Tensor, latent_size: Tuple[int, int]) -> torch.Tensor:
@@ -446,11 +567,18 @@ def semantic_input(images: torch.Tensor, latent_size: Tuple[int, int]) -> torch.
 def encode_semantic(effnet: nn.Module, images: torch.Tensor, latent_size: Optional[Tuple[int, int]] = None,
                     compression: float = OFFICIAL_COMPRESSION) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1] -> Stage C latent [B, 16, h, w] (img2img, reconstruction)."""
+    images = limits.check_images(images, "semantic encode image")
     if latent_size is None:
         latent_size = stage_c_latent_size(images.shape[-2], images.shape[-1], compression)
     param = _model_param(effnet)
+    batch = limits.check_batch(images.shape[0], "semantic encode batch")
+    limits.check_memory(limits.estimate(batch=batch, semantic=tuple(latent_size)), param.device,
+                        f"semantic encode to a {latent_size[1]}x{latent_size[0]} latent, batch {batch}",
+                        "raise the compression or encode smaller images")
     x = semantic_input(images, latent_size).to(param.device, param.dtype)
-    return effnet(x).float().cpu()
+    latent = effnet(x).float()
+    limits.check_finite(latent, "The semantic encoder (EfficientNet)", param.dtype)
+    return latent.cpu()
 
 
 @torch.no_grad()

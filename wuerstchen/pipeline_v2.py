@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import sampling
+from . import limits, sampling
 from .models.effnet import v2_effnet_to_raw
 from .pipeline import STAGE_B_COMPRESSION, cpu_generator, semantic_input
 from .schedule_v2 import (DEFAULT_DECODER_STEPS, check_timesteps, default_prior_timesteps,
@@ -215,6 +215,12 @@ class PriorSettings:
     steps: Optional[int] = None
     timesteps: Optional[Sequence[float]] = None
 
+    def __post_init__(self):
+        """Settings that cannot run are refused here, before any work (a RequestError naming them)."""
+        if self.steps is not None:
+            limits.check_steps(self.steps, "prior steps", official=len(default_prior_timesteps()) - 1)
+        limits.check_number(self.cfg, "prior cfg", minimum=0, official=4.0)
+
     def grid(self) -> torch.Tensor:
         if self.timesteps is not None:
             return check_timesteps(self.timesteps)
@@ -227,6 +233,10 @@ class DecoderSettings:
 
     steps: int = DEFAULT_DECODER_STEPS
     cfg: float = 0.0
+
+    def __post_init__(self):
+        limits.check_steps(self.steps, "decoder steps", official=DEFAULT_DECODER_STEPS)
+        limits.check_number(self.cfg, "decoder cfg", minimum=0, official=0.0, hint="guidance needs more than 1")
 
     def grid(self) -> torch.Tensor:
         return uniform_timesteps(self.steps)

@@ -11,6 +11,12 @@ Pipelines (``PIPELINES``):
 * ``official_notebook`` - the official inference path above (default);
 * ``official_notebook_aa`` - the same with torchvision >= 0.17, whose Resize antialiases;
 * ``official`` - ``clip_preprocess`` applied directly, without the 768 step.
+
+Only the central square of a picture reaches the encoder (the short side is resized to 224 and
+the centre cropped). A picture more than :data:`MAX_ASPECT` times longer than wide is first cut to
+that aspect around its centre, so a 2x4000 strip does not become a 768x1,536,000 intermediate
+(14 GB); what it keeps still holds that square with a wide margin, so the result only moves by the
+resize ratio's rounding. Pictures up to that aspect are processed exactly as officially.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_SIZE = 224
 NOTEBOOK_SIZE = 768
 PIPELINES = ("official_notebook", "official_notebook_aa", "official")
+MAX_ASPECT = 8
+"""Long side / short side beyond which a picture is first cut around its centre (see above)."""
 
 
 def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -40,6 +48,20 @@ def _resize(image: torch.Tensor, size: int, mode: str, antialias: bool) -> torch
         return image
     return F.interpolate(image[None], size=target, mode=mode, align_corners=False,
                          antialias=antialias)[0]
+
+
+def _bound_aspect(image: torch.Tensor, aspect: int = MAX_ASPECT) -> torch.Tensor:
+    """Cut a [3, H, W] image whose long side exceeds ``aspect`` x its short side to that, around its centre."""
+    height, width = image.shape[-2:]
+    short = min(height, width)
+    if max(height, width) <= aspect * short:
+        return image
+    keep = aspect * short
+    if height > width:
+        top = (height - keep) // 2
+        return image[..., top:top + keep, :]
+    left = (width - keep) // 2
+    return image[..., left:left + keep]
 
 
 def _center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -63,8 +85,10 @@ def to_float_images(images) -> list[torch.Tensor]:
     (uint8 is divided by 255 exactly like torchvision's ``to_tensor``)."""
     if isinstance(images, (list, tuple)):
         return [t for image in images for t in to_float_images(image)]
-    if hasattr(images, "convert") and hasattr(images, "size"):  # PIL image
-        images = np.asarray(images.convert("RGB"))
+    if hasattr(images, "convert") and hasattr(images, "size"):  # PIL image, 16-bit and float scaled
+        from .images import picture_to_array
+
+        images = picture_to_array(images, "RGB")
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.array(images))  # a writable copy
     if not isinstance(images, torch.Tensor):
@@ -94,6 +118,9 @@ def clip_preprocess(images, pipeline: str = "official_notebook") -> torch.Tensor
         raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
     out = []
     for image in to_float_images(images):
+        if min(image.shape[-2:]) == 0:
+            raise ValueError(f"clip_preprocess() got an empty image ({image.shape[-1]}x{image.shape[-2]})")
+        image = _bound_aspect(image)
         if pipeline != "official":
             image = _resize(image, NOTEBOOK_SIZE, "bilinear", antialias=True)
         image = _resize(image, CLIP_SIZE, "bicubic", antialias=pipeline == "official_notebook_aa")

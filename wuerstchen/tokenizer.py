@@ -437,7 +437,6 @@ def _weighted_pieces(text: str) -> list[tuple[str, float]]:
 
 
 # ---- textual-inversion references ---------------------------------------------------------
-EMBEDDING_PREFIX = "embedding:"
 # ComfyUI's syntax: "embedding:NAME" as a word (NAME up to a space or comma), here also with an
 # optional ":WEIGHT"; "(embedding:NAME:1.2)" weights it through the bracket syntax.
 _EMBEDDING_REF = regex.compile(r"(?<![^\s,(\[])embedding:([^\s,:]+)(?::([^\s,]*))?")

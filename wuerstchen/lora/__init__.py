@@ -18,13 +18,6 @@ from .parse import FORMATS, IndexedLora, LoraError, LoraFile, TokenEmbedding, lo
 __all__ = [
     "FORMATS", "LoraError", "WeightDelta", "TokenEmbedding", "IndexedLora", "LoraFile", "LoraMatch", "LoraPatch",
     "LoraStack", "OFFICIAL_MODULE_FILTERS", "load_lora", "parse_lora", "official_lora_modules", "stage_c_deltas",
-    "patched_tensors", "check_lora", "apply_loras", "describe_match", "write_tiny_lora",
+    "patched_tensors", "check_lora", "apply_loras", "describe_match",
 ]
 
-
-def __getattr__(name):
-    if name == "write_tiny_lora":  # lives with the other tiny writers; kept reachable here for callers
-        from ..tiny import write_tiny_lora
-
-        return write_tiny_lora
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,18 @@ log = logging.getLogger("wuerstchen.lora")
 LoraStack = Sequence[Tuple[LoraFile, float]]
 
 
+def _stored_dtype(params: Mapping[str, torch.Tensor], base: torch.Tensor) -> torch.dtype:
+    """The dtype a patched weight is kept in: the weight's own, except for an fp8-stored weight,
+    which keeps the model's compute dtype (rounding the patched weight back to 8 bits would wipe
+    out most of a LoRA's change; the layers upcast fp8 weights to that dtype anyway)."""
+    from ..models.ops import is_fp8
+
+    if not is_fp8(base.dtype):
+        return base.dtype
+    return next((p.dtype for p in params.values() if p.is_floating_point() and not is_fp8(p.dtype)),
+                torch.float32)
+
+
 def _compute(params: Mapping[str, torch.Tensor], steps) -> Dict[str, torch.Tensor]:
     grouped: Dict[str, List[Tuple[Rows, WeightDelta, float]]] = {}
     for target, rows, delta, strength in steps:
@@ -47,7 +59,7 @@ def _compute(params: Mapping[str, torch.Tensor], steps) -> Dict[str, torch.Tenso
                 except RuntimeError as exc:  # fits() should have caught it; say which module
                     raise LoraError(f"{delta.source}: cannot be applied to {target} {list(view.shape)}: "
                                     f"{str(exc).splitlines()[0]}") from None
-            out[target] = weight.to(base.dtype)
+            out[target] = weight.to(_stored_dtype(params, base))
     return out
 
 

@@ -89,10 +89,6 @@ class LoraFile:
         return [key for key, _ in self.unused]
 
     @property
-    def num_modules(self) -> int:
-        return len(self.stage_c) + len(self.stage_c_indexed) + len(self.text)
-
-    @property
     def counts(self) -> Dict[str, int]:
         return {
             "keys": self.num_keys,
