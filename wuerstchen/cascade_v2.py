@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from . import kinds as kind_table
+from . import limits
 from . import pipeline_v2 as v2
 from .cascade import CascadeFiles
 from .checkpoints import LoadedModel
@@ -79,10 +80,11 @@ class CascadeV2:
         then the decoder, as the combined hub pipeline does, so a seed gives the same image anywhere.
         """
         v2.check_size_v2(height, width)
+        batch = limits.check_batch(batch)
         needed = list(kind_table.FAMILIES[FAMILY].text_to_image)
         if image is not None:
-            if not 0.0 < denoise <= 1.0:
-                raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+            image = limits.check_images(image, "the img2img image")
+            limits.check_number(denoise, "denoise", above=0, maximum=1, official=0.6)
             needed.append(kind_table.FAMILIES[FAMILY].img2img)
         self.files.require(needed, self.root, FAMILY)
 
