@@ -11,6 +11,13 @@ the nodes translate data. The core takes images [B, 3, H, W] and masks [B, 1, H,
 * CONDITIONING: ``[[clip_text [1, L, 1280], {"pooled_output": [1, 1280], ...}], ...]``, as
   ComfyUI's own Stable Cascade text encoding, so its conditioning nodes (concat, zero out, ...) keep
   working. Image-variation tokens ride along under our own key.
+
+Würstchen v2 keeps the same layouts, marked with the family or tower that made them: its
+conditioning is ``[[last_hidden_state [1, 77, W], {"wuerstchen_text": <text kind>}], ...]`` (no
+pooled vector; the prior's bigG and the decoder's ViT-H tower each make their own), its prior
+latents are 16-channel LATENTs like Stage C's (in the v2 EfficientNet's (y + 1)/42 space) marked
+``"wuerstchen_family"``, and its decoder output is the raw VQGAN latent, exactly what a Stage B
+LATENT holds, so the Stage A decode node serves both families.
 """
 
 from __future__ import annotations
@@ -22,14 +29,17 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from wuerstchen import limits, pipeline
+from wuerstchen import kinds, limits, pipeline
 from wuerstchen.pipeline import Conditioning
+from wuerstchen.pipeline_v2 import V2_STAGE_A_SCALE
 
 from .host import NodeError
 
 COND_IMAGE_TOKENS = "wuerstchen_clip_img"  # [1, N, 768] image embeddings, strength applied
 LATENT_SIZE = "wuerstchen_size"  # (height, width) the Stage C latent was made for
 LATENT_COMPRESSION = "wuerstchen_compression"
+LATENT_FAMILY = "wuerstchen_family"  # the model family whose prior made a 16-channel latent
+COND_TEXT = "wuerstchen_text"  # the text-encoder kind that made a Würstchen v2 conditioning
 
 
 @contextlib.contextmanager
@@ -90,8 +100,13 @@ def to_pil(images: torch.Tensor):
 # LATENT
 
 
-def stage_c_out(samples: torch.Tensor, size: Tuple[int, int], compression: float) -> dict:
-    return {"samples": samples, LATENT_SIZE: (int(size[0]), int(size[1])), LATENT_COMPRESSION: float(compression)}
+def stage_c_out(samples: torch.Tensor, size: Tuple[int, int], compression: float,
+                family: Optional[str] = None) -> dict:
+    """A Stage C / prior LATENT; ``family``: the family whose models made it (None: an empty latent)."""
+    out = {"samples": samples, LATENT_SIZE: (int(size[0]), int(size[1])), LATENT_COMPRESSION: float(compression)}
+    if family is not None:
+        out[LATENT_FAMILY] = family
+    return out
 
 
 def stage_c_size(latent: dict) -> Tuple[Tuple[int, int], float]:
@@ -100,11 +115,17 @@ def stage_c_size(latent: dict) -> Tuple[Tuple[int, int], float]:
     return pipeline.output_size(tuple(latent["samples"].shape[-2:]), latent.get(LATENT_SIZE), compression), compression
 
 
-def stage_c_in(latent: dict, channels: int, node: str, socket: str) -> torch.Tensor:
+def stage_c_in(latent: dict, channels: int, node: str, socket: str, family: str = kinds.STABLE_CASCADE) -> torch.Tensor:
+    """A 16-channel prior latent for ``family``'s models (an empty latent, which no family made, fits both)."""
     samples = latent["samples"]
     if samples.dim() != 4 or samples.shape[1] != channels:
         raise NodeError(f"{node}: '{socket}' must be a Stage C latent with {channels} channels, got shape "
                         f"{list(samples.shape)} (use Wuerstchen Empty Latent's stage_c output)")
+    made_by = latent.get(LATENT_FAMILY, family)
+    if made_by != family:
+        raise NodeError(f"{node}: '{socket}' is a {kinds.family_title(made_by)} latent, but the model here is "
+                        f"{kinds.family_title(family)}; their latents live in different spaces: make it with "
+                        f"{kinds.family_title(family)} models (or start from Wuerstchen Empty Latent)")
     return samples
 
 
@@ -135,6 +156,11 @@ def stage_b_size(latent: dict) -> Optional[Tuple[int, int]]:
     return (int(size[0]), int(size[1])) if fits else None
 
 
+def v2_decoder_out(latent: torch.Tensor) -> dict:
+    """A Würstchen v2 decoder result as a Stage B LATENT: the raw VQGAN latent (v2 decodes 0.3764 · x)."""
+    return {"samples": latent * V2_STAGE_A_SCALE}
+
+
 # ------------------------------------------------------------------------------------------------
 # CONDITIONING
 
@@ -156,6 +182,10 @@ def conditioning_in(conditioning, node: str, socket: str) -> Conditioning:
     texts, pooled, images = [], [], []
     for entry in conditioning:
         tensor, extras = entry[0], entry[1]
+        if extras.get(COND_TEXT) in kinds.KINDS:
+            raise NodeError(f"{node}: '{socket}' was encoded with the {kinds.title(extras[COND_TEXT])}, a "
+                            f"{kinds.family_title(kinds.get(extras[COND_TEXT]).family)} model; Stable Cascade needs "
+                            f"conditioning from the {kinds.title('clip_text')} (text_encoder/model.safetensors)")
         p = extras.get("pooled_output")
         if p is None:
             raise NodeError(f"{node}: '{socket}' has no pooled text embedding; encode it with Wuerstchen Text Encode "
@@ -173,3 +203,29 @@ def conditioning_in(conditioning, node: str, socket: str) -> Conditioning:
         filled = [pipeline.pad_tokens(i.float(), n) if i is not None else torch.zeros(1, n, width) for i in images]
         clip_img = torch.cat(filled)
     return Conditioning(torch.cat(texts), torch.cat(pooled), clip_img)
+
+
+def v2_conditioning_out(sequence: torch.Tensor, text_kind: str) -> list:
+    """Würstchen v2 text conditioning ``[B, L, W]`` (``last_hidden_state``) -> CONDITIONING, one entry per prompt."""
+    return [[sequence[i:i + 1], {COND_TEXT: text_kind}] for i in range(sequence.shape[0])]
+
+
+def v2_conditioning_in(conditioning, text_kind: str, node: str, socket: str) -> torch.Tensor:
+    """The ``[B, L, W]`` text sequence of a Würstchen v2 CONDITIONING made by ``text_kind``'s tower."""
+    want = kinds.title(text_kind)
+    if not conditioning:
+        raise NodeError(f"{node}: '{socket}' is empty; wire a Wuerstchen Text Encode with the {want} "
+                        "(an empty prompt for the negative)")
+    texts = []
+    for entry in conditioning:
+        tensor, extras = entry[0], entry[1]
+        made_by = extras.get(COND_TEXT)
+        if made_by != text_kind:
+            what = (f"the {kinds.title(made_by)}" if made_by in kinds.KINDS
+                    else f"the {kinds.title('clip_text')} (Stable Cascade)" if "pooled_output" in extras
+                    else "another text encoder")
+            raise NodeError(f"{node}: '{socket}' was encoded with {what}; this Würstchen v2 model needs conditioning "
+                            f"from the {want} ({kinds.get(text_kind).file_names()}) through Wuerstchen Text Encode")
+        texts.append(tensor.float())
+    n = max(t.shape[1] for t in texts)
+    return torch.cat([pipeline.repeat_tokens(t, n) if t.shape[1] != n else t for t in texts])

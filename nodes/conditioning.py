@@ -7,35 +7,44 @@ from wuerstchen import limits, pipeline
 from . import comfy_types as T
 from . import handles as H
 from .host import NodeError, embedding_folders, manager
-from .loaders import require
+from .loaders import require, require_role
 
 CATEGORY = "wuerstchen/conditioning"
 
 
 class WuerstchenTextEncode:
-    """Official CLIP-G conditioning: plain prompts tokenise and encode exactly like the official code."""
+    """Official CLIP-G conditioning: plain prompts tokenise and encode exactly like the official code.
+    With a Würstchen v2 text encoder, that tower's v2 conditioning (as the hub pipelines encode)."""
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Encodes a prompt with CLIP ViT-bigG the way the official Stable Cascade code does ('!' as pad "
-                   "token, no text clean-up). Long prompts are encoded in 77-token windows; (word:1.2) weights work.")
+                   "token, no text clean-up). Long prompts are encoded in 77-token windows; (word:1.2) weights work. "
+                   "With a Würstchen v2 text encoder it gives that tower's v2 conditioning (the hub pipelines' "
+                   "last_hidden_state, padded with the end token): encode the prompt once with the prior's and "
+                   "once with the decoder's encoder.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "clip": (H.CLIP_TEXT, {"tooltip": "The CLIP-G text encoder (Wuerstchen CLIP Text Loader or a checkpoint)."}),
+            "clip": (H.CLIP_TEXT, {"tooltip": "The CLIP-G text encoder (Wuerstchen CLIP Text Loader or a checkpoint), "
+                                              "or a Würstchen v2 prior or decoder text encoder."}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                 "tooltip": "The prompt. Use an empty prompt for the negative, as the official notebooks."}),
         }}
 
     def encode(self, clip, text):
-        clip = require(clip, "clip_text", "WuerstchenTextEncode", "clip")
+        node = "WuerstchenTextEncode"
+        clip = require_role(clip, "clip_text", node, "clip")
         try:
             with manager().running(clip.model):
+                if clip.model.kind != "clip_text":  # a Würstchen v2 tower
+                    sequence, _ = clip.module.encode_prompts([text], embeddings=embedding_folders())
+                    return (T.v2_conditioning_out(sequence.float().cpu(), clip.model.kind),)
                 cond = pipeline.encode_text(clip.module, [text], clip.loras, embedding_folders())
         except ValueError as exc:
-            raise NodeError(f"WuerstchenTextEncode: {exc}") from None
+            raise NodeError(f"{node}: {exc}") from None
         return (T.conditioning_out(cond),)
 
 

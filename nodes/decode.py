@@ -16,7 +16,8 @@ class WuerstchenStageADecode:
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Decodes a Stage B latent to an image with the Stage A VQGAN; large images are decoded in tiles."
+    DESCRIPTION = ("Decodes a Stage B latent to an image with the Stage A VQGAN; large images are decoded in tiles. "
+                   "Würstchen v2's decoder output decodes the same way (its VQGAN is this Stage A).")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -30,10 +30,12 @@ except ImportError:  # plain Python, CI
 
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 
-# Which ComfyUI model folders each loader lists: a model kind's own (our folder first), plus the
-# roles that are not one kind of network (LoRAs, single-file checkpoints).
+# Which ComfyUI model folders each loader lists: those of the model kinds that fill its role (our
+# folder first; e.g. the Stage C loader's role is filled by Stable Cascade's Stage C and the
+# Würstchen v2 prior), plus the roles that are not one kind of network (LoRAs, single-file checkpoints).
 FOLDERS = {
-    **{name: kind.folder_list() for name, kind in KINDS.items()},
+    **{role: tuple(dict.fromkeys(f for kind in KINDS.values() if kind.slot == role for f in kind.folder_list()))
+       for role in dict.fromkeys(kind.slot for kind in KINDS.values())},
     "lora": ("loras", OWN_FOLDER),
     "checkpoint": ("checkpoints", OWN_FOLDER),
 }
@@ -178,7 +180,7 @@ def _fits(role: str, path: Path) -> bool:
         return True
     if role == "checkpoint":
         return len(kinds) > 1
-    return role in kinds
+    return role in kinds or any(KINDS[k].slot == role for k in kinds if k in KINDS)
 
 
 def list_models(role: str) -> List[str]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from wuerstchen import limits, pipeline
+from wuerstchen import kinds, limits, pipeline, pipeline_v2
 
 from . import comfy_types as T
 from . import handles as H
 from .host import manager
-from .loaders import require
+from .loaders import require, require_role
 
 CATEGORY = "wuerstchen/latent"
 MAX_SIZE = limits.MAX_SIDE
@@ -57,7 +57,9 @@ class WuerstchenSemanticEncode:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Encodes images into a Stage C latent with the EfficientNet semantic compressor, with the "
                    "official preprocessing (antialiased resize to 32x the latent size, ImageNet normalisation). "
-                   "Feed it to the Stage C sampler with denoise < 1 for img2img.")
+                   "Feed it to the Stage C sampler with denoise < 1 for img2img. With Würstchen v2's compressor "
+                   "it makes a v2 prior latent, for the Stage C sampler with the v2 prior (its sides rounded to a "
+                   "multiple of 3 latent cells, which the v2 decoder needs).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -70,13 +72,18 @@ class WuerstchenSemanticEncode:
 
     def encode(self, semantic_compressor, image, compression):
         node = "WuerstchenSemanticEncode"
-        eff = require(semantic_compressor, "effnet", node, "semantic_compressor")
+        eff = require_role(semantic_compressor, "effnet", node, "semantic_compressor")
         x = T.images_in(image, node)
         with T.node_errors(node):
             compression = limits.check_compression(compression, f"{node}: compression")
             with manager().running(eff.model):
+                if eff.model.kind == "v2_effnet":  # Würstchen v2: a prior latent, (y + 1)/42, of a size the decoder takes
+                    size = pipeline_v2.nearest_working_latent(*pipeline.stage_c_latent_size(x.shape[-2], x.shape[-1],
+                                                                                          compression))
+                    return (T.stage_c_out(pipeline_v2.encode_semantic_v2(eff.module, x, size), x.shape[-2:],
+                                          compression, kinds.WUERSTCHEN_V2),)
                 latent = pipeline.encode_semantic(eff.module, x, compression=compression)
-        return (T.stage_c_out(latent, x.shape[-2:], compression),)
+        return (T.stage_c_out(latent, x.shape[-2:], compression, kinds.STABLE_CASCADE),)
 
 
 class WuerstchenStageAEncode:

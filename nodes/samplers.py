@@ -6,13 +6,15 @@ from typing import Optional
 
 import torch
 
-from wuerstchen import limits, pipeline
+from wuerstchen import kinds, limits, pipeline
+from wuerstchen import pipeline_v2 as v2
+from wuerstchen.models.effnet import v2_effnet_to_raw
 from wuerstchen.sampling import SAMPLERS
 
 from . import comfy_types as T
 from . import handles as H
-from .host import Progress, manager, previews_enabled
-from .loaders import require
+from .host import NodeError, Progress, manager, previews_enabled
+from .loaders import require_role
 
 CATEGORY = "wuerstchen/sampling"
 SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF, "control_after_generate": True,
@@ -21,7 +23,20 @@ SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF, "control_a
 
 def _sampler_input(default: str = "ddpm"):
     return (list(SAMPLERS), {"default": default, "tooltip": "ddpm is the official sampler; euler_ancestral is "
-                                                            "ddpm on this schedule, dpmpp_2m/ddim are deterministic."})
+                                                            "ddpm on this schedule, dpmpp_2m/ddim are deterministic. "
+                                                            "Würstchen v2 has only its own DDPM scheduler (ddpm)."})
+
+
+def _v2_sampler(sampler: str, node: str) -> None:
+    if sampler != "ddpm":
+        raise NodeError(f"{node}: Würstchen v2 samples with its own DDPM scheduler only; set sampler to ddpm "
+                        f"(got {sampler})")
+
+
+def _batched(t: torch.Tensor, batch: int, node: str, socket: str) -> torch.Tensor:
+    if t.shape[0] in (1, batch):
+        return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
+    raise NodeError(f"{node}: '{socket}' holds {t.shape[0]} prompts for a batch of {batch}; use one prompt or one per image")
 
 
 def stage_c_previewer(previewer: Optional[H.ModelHandle]):
@@ -38,7 +53,9 @@ class WuerstchenStageCSampler:
     FUNCTION = "sample"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Samples the Stage C latent exactly like the official code (gdf DDPM, cfg_rho 0.7, the last "
-                   "step's x0). denoise < 1 starts from the input latent (img2img) for int(steps*denoise) steps.")
+                   "step's x0). denoise < 1 starts from the input latent (img2img) for int(steps*denoise) steps. "
+                   "With the Würstchen v2 prior it samples the v2 prior latent as the hub pipeline does (steps 0: "
+                   "its 29-step grid; cfg 4; plain CFG, no shift); denoise < 1 then runs the grid below denoise.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -49,15 +66,21 @@ class WuerstchenStageCSampler:
                 "negative": ("CONDITIONING", {"tooltip": "Negative conditioning; officially the empty prompt."}),
                 "latent": ("LATENT", {"tooltip": "Empty Stage C latent (size and batch), or an encoded image for img2img."}),
                 "seed": SEED,
-                "steps": ("INT", {"default": 20, "min": 1, "max": limits.MAX_STEPS, "tooltip": "Official: 20."}),
-                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Official: 4."}),
+                "steps": ("INT", {"default": 20, "min": 0, "max": limits.MAX_STEPS,
+                                  "tooltip": "Official: 20. 0 = the official schedule of the model wired in (Stable "
+                                             "Cascade: 20 steps; Würstchen v2 prior: the hub's 29-step grid); "
+                                             "for the v2 prior any other value is that many uniform steps."}),
+                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Official: 4 (Stable Cascade and Würstchen v2)."}),
                 "shift": ("FLOAT", {"default": 2.0, "min": 0.1, "max": 10.0, "step": 0.1,
-                                    "tooltip": "Schedule shift in logSNR space. Official: 2."}),
+                                    "tooltip": "Schedule shift in logSNR space. Official: 2. Stable Cascade only "
+                                               "(Würstchen v2 has no shift)."}),
                 "sampler": _sampler_input(),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                       "tooltip": "1 = from noise; < 1 = img2img strength (official notebook: 0.6)."}),
                 "cfg_rho": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.05,
-                                      "tooltip": "Official CFG rescale (0.7). 0 = plain CFG as in ComfyUI's KSampler."}),
+                                      "tooltip": "Official CFG rescale (0.7). 0 = plain CFG as in ComfyUI's KSampler. "
+                                                 "Stable Cascade only (Würstchen v2 uses plain CFG)."}),
             },
             "optional": {
                 "control": (H.CONTROL, {"tooltip": "ControlNet hint(s) from Wuerstchen ControlNet Apply."}),
@@ -68,13 +91,16 @@ class WuerstchenStageCSampler:
     def sample(self, stage_c, positive, negative, latent, seed, steps, cfg, shift, sampler, denoise, cfg_rho,
                control=None, previewer=None):
         node = "WuerstchenStageCSampler"
-        sc = require(stage_c, "stage_c", node, "stage_c")
+        sc = require_role(stage_c, "stage_c", node, "stage_c")
+        if sc.model.kind == "v2_prior":
+            return self._sample_v2(sc, positive, negative, latent, seed, steps, cfg, sampler, denoise, control,
+                                   previewer)
         cond = T.conditioning_in(positive, node, "positive")
         uncond = T.conditioning_in(negative, node, "negative")
         samples = T.stage_c_in(latent, sc.model.config["c_in"], node, "latent")
         with T.node_errors(node):
-            settings = pipeline.StageCSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, cfg_rho=cfg_rho,
-                                               denoise=denoise)
+            settings = pipeline.StageCSettings(steps=steps or pipeline.StageCSettings.steps, cfg=cfg, shift=shift,
+                                               sampler=sampler, cfg_rho=cfg_rho, denoise=denoise)
         hints = control.chain() if control is not None else []
         models = [sc.model] + [h.controlnet for h in hints] + ([previewer.model] if previewer is not None else [])
         progress = Progress(settings.steps_to_run(img2img=denoise < 1.0), stage_c_previewer(previewer))
@@ -83,7 +109,40 @@ class WuerstchenStageCSampler:
                 sc.module, cond, uncond, shape=tuple(samples.shape), init_latent=samples if denoise < 1.0 else None,
                 seed=seed, settings=settings, loras=sc.loras, control=[h.hint for h in hints], callback=progress)
         size, compression = T.stage_c_size(latent)
-        return (T.stage_c_out(x0, size, compression),)
+        return (T.stage_c_out(x0, size, compression, kinds.STABLE_CASCADE),)
+
+    def _sample_v2(self, prior, positive, negative, latent, seed, steps, cfg, sampler, denoise, control, previewer):
+        """The Würstchen v2 prior: the hub recipe (pipeline_v2.sample_prior_v2) on a v2 latent."""
+        node = "WuerstchenStageCSampler"
+        for socket, value, what in (("control", control, "ControlNets are a Stable Cascade feature"),
+                                    ("previewer", previewer, "the previewer shows Stable Cascade latents")):
+            if value is not None:
+                raise NodeError(f"{node}: '{socket}' is connected, but the model is the Würstchen v2 prior ({what}); "
+                                f"disconnect it")
+        if prior.loras:
+            raise NodeError(f"{node}: LoRAs are a Stable Cascade feature; the Würstchen v2 prior takes none")
+        _v2_sampler(sampler, node)
+        samples = T.stage_c_in(latent, prior.model.config["c_in"], node, "latent", kinds.WUERSTCHEN_V2)
+        with T.node_errors(node):
+            v2.check_prior_latent_v2(*samples.shape[-2:], where=f"{node}: 'latent'")
+            settings = v2.PriorSettings(cfg=cfg, steps=steps or None)
+        batch = samples.shape[0]
+        text = v2.V2Text(_batched(T.v2_conditioning_in(positive, "v2_prior_text", node, "positive"), batch, node,
+                                  "positive"),
+                         _batched(T.v2_conditioning_in(negative, "v2_prior_text", node, "negative"), batch, node,
+                                  "negative"))
+        text = v2.V2Text(*v2.match_lengths(text.cond, text.uncond))
+        img2img = denoise < 1.0
+        progress = Progress(v2.prior_steps(settings, denoise if img2img else 1.0))
+        with T.node_errors(node), manager().running(prior.model), torch.no_grad():
+            x = v2.sample_prior_v2(prior.module, text, latent_size=tuple(samples.shape[-2:]),
+                                   generator=pipeline.cpu_generator(seed), settings=settings,
+                                   init_latent=samples if img2img else None, denoise=denoise,
+                                   callback=lambda i, n, _x: progress(i, n))
+        size, compression = T.stage_c_size(latent)
+        return (T.stage_c_out(x, size, compression, kinds.WUERSTCHEN_V2),)
+
+
 
 
 class WuerstchenStageBSampler:
@@ -92,7 +151,9 @@ class WuerstchenStageBSampler:
     FUNCTION = "sample"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Samples the Stage B latent from a Stage C latent (official: 10 steps, cfg 1.1, shift 1). "
-                   "The output size comes from the Stage C latent unless width/height are set.")
+                   "The output size comes from the Stage C latent unless width/height are set. With the Würstchen "
+                   "v2 decoder it decodes a v2 prior latent (×42 − 1) with the decoder text encoder's conditioning "
+                   "(hub recipe: 12 steps, cfg 0) into the VQGAN latent.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -102,21 +163,28 @@ class WuerstchenStageBSampler:
             "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning; Stage B uses its pooled embedding."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (pooled embedding of the empty prompt)."}),
             "seed": SEED,
-            "steps": ("INT", {"default": 10, "min": 1, "max": limits.MAX_STEPS, "tooltip": "Official: 10."}),
-            "cfg": ("FLOAT", {"default": 1.1, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Official: 1.1."}),
-            "shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1, "tooltip": "Official: 1."}),
+            "steps": ("INT", {"default": 10, "min": 1, "max": limits.MAX_STEPS,
+                              "tooltip": "Official: 10 (Würstchen v2 decoder: 12)."}),
+            "cfg": ("FLOAT", {"default": 1.1, "min": 0.0, "max": 30.0, "step": 0.1,
+                              "tooltip": "Official: 1.1 (Würstchen v2 decoder: 0 = off; guidance needs > 1)."}),
+            "shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1,
+                                "tooltip": "Official: 1. Stable Cascade only."}),
             "sampler": _sampler_input(),
             "width": ("INT", {"default": 0, "min": 0, "max": limits.MAX_SIDE, "step": 8,
-                              "tooltip": "Output width; 0 = the size the Stage C latent was made for."}),
+                              "tooltip": "Output width; 0 = the size the Stage C latent was made for. Würstchen v2: "
+                                         "0 (its output size follows the prior latent)."}),
             "height": ("INT", {"default": 0, "min": 0, "max": limits.MAX_SIDE, "step": 8,
-                               "tooltip": "Output height; 0 = the size the Stage C latent was made for."}),
+                               "tooltip": "Output height; 0 = the size the Stage C latent was made for. Würstchen "
+                                          "v2: 0."}),
             "cfg_rho": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.05,
-                                  "tooltip": "Official CFG rescale (0.7)."}),
+                                  "tooltip": "Official CFG rescale (0.7). Stable Cascade only."}),
         }}
 
     def sample(self, stage_b, stage_c, positive, negative, seed, steps, cfg, shift, sampler, width, height, cfg_rho):
         node = "WuerstchenStageBSampler"
-        sb = require(stage_b, "stage_b", node, "stage_b")
+        sb = require_role(stage_b, "stage_b", node, "stage_b")
+        if sb.model.kind == "v2_decoder":
+            return self._sample_v2(sb, stage_c, positive, negative, seed, steps, cfg, sampler, width, height)
         latent_c = T.stage_c_in(stage_c, sb.model.config["c_effnet"], node, "stage_c")
         (auto_h, auto_w), _compression = T.stage_c_size(stage_c)
         cond = T.conditioning_in(positive, node, "positive")
@@ -128,3 +196,30 @@ class WuerstchenStageBSampler:
             x0 = pipeline.sample_stage_b(sb.module, latent_c, cond.clip_text_pooled, uncond.clip_text_pooled,
                                          size=size, seed=seed, settings=settings, callback=Progress(steps))
         return (T.stage_b_out(x0, size),)
+
+    def _sample_v2(self, decoder, stage_c, positive, negative, seed, steps, cfg, sampler, width, height):
+        """The Würstchen v2 decoder (pipeline_v2.sample_decoder_v2) on a v2 prior latent; the result is
+        the raw VQGAN latent, which Wuerstchen Stage A Decode takes as it takes Stable Cascade's."""
+        node = "WuerstchenStageBSampler"
+        _v2_sampler(sampler, node)
+        latent = T.stage_c_in(stage_c, decoder.model.config["effnet_embd"], node, "stage_c", kinds.WUERSTCHEN_V2)
+        e_h, e_w = latent.shape[-2:]
+        d_h, d_w = v2.decoder_latent_size(e_h, e_w)
+        made = (d_h * pipeline.STAGE_B_COMPRESSION, d_w * pipeline.STAGE_B_COMPRESSION)
+        if (width or height) and (height or made[0], width or made[1]) != made:
+            raise NodeError(f"{node}: Würstchen v2's output size follows the prior latent ({e_w}x{e_h} makes "
+                            f"{made[1]}x{made[0]}); set width and height to 0 (or to {made[1]} and {made[0]})")
+        batch = latent.shape[0]
+        text = v2.V2Text(_batched(T.v2_conditioning_in(positive, "v2_decoder_text", node, "positive"), batch, node,
+                                  "positive"),
+                         _batched(T.v2_conditioning_in(negative, "v2_decoder_text", node, "negative"), batch, node,
+                                  "negative"))
+        text = v2.V2Text(*v2.match_lengths(text.cond, text.uncond))
+        with T.node_errors(node):
+            settings = v2.DecoderSettings(steps=steps, cfg=cfg)
+        progress = Progress(steps)
+        with T.node_errors(node), manager().running(decoder.model), torch.no_grad():
+            x = v2.sample_decoder_v2(decoder.module, v2_effnet_to_raw(latent.float()), text,
+                                     generator=pipeline.cpu_generator(seed), settings=settings,
+                                     callback=lambda i, n, _x: progress(i, n))
+        return (T.v2_decoder_out(x),)

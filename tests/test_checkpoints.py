@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import MANIFEST_DIR, REPO_ROOT, load_manifest
-from wuerstchen import checkpoints, tiny, weights_io
+from wuerstchen import checkpoints, kinds, tiny, weights_io
 from wuerstchen.checkpoints import CheckpointError
 
 # manifest -> (kind, variant)
@@ -149,19 +149,34 @@ def test_combined_comfyui_stage_c_checkpoint_parts(tmp_path):
         ("stage_c", "model.diffusion_model."), ("effnet", "vae.encoder."), ("previewer", "vae.previewer.")}
 
 
-@pytest.mark.parametrize("name, what", [
-    ("wuerstchen_v2_prior", "Würstchen v2 prior"),
-    ("wuerstchen_v2_decoder", "Würstchen v2 decoder"),
+@pytest.mark.parametrize("name, kind, stable_cascade_kind", [
+    ("wuerstchen_v2_prior", "v2_prior", "stage_c"),
+    ("wuerstchen_v2_original_stage_c", "v2_prior", "stage_c"),
+    ("wuerstchen_v2_decoder", "v2_decoder", "stage_b"),
+    ("wuerstchen_v2_original_stage_b", "v2_decoder", "stage_b"),
 ])
-def test_wuerstchen_v2_files_are_rejected_by_name(tmp_path, name, what):
+def test_wuerstchen_v2_files_are_their_own_kind_and_refused_by_stable_cascade_loaders(tmp_path, name, kind,
+                                                                                     stable_cascade_kind):
     shapes = _manifest_shapes(name)
-    assert checkpoints.detect_parts(shapes) == []
-    assert what in checkpoints.describe_foreign(shapes)
+    (det,) = checkpoints.detect_parts(shapes)
+    assert (det.kind, det.variant) == (kind, "official")
+    # the diffusers keywords (the original classes take no dropout, the original decoder a self_attn flag)
+    manifest_config = {k: v for k, v in load_manifest(name)["config"].items() if k != "self_attn"}
+    assert {k: det.config[k] for k in manifest_config} == manifest_config
     path = _official_file(tmp_path, name)
     with pytest.raises(CheckpointError) as info:
-        checkpoints.load(path)
-    msg = str(info.value)
-    assert what in msg and path.name in msg and "stage_c.safetensors" in msg
+        checkpoints.load(path, kinds=[stable_cascade_kind])
+    _one_line(info, path.name, kinds.title(kind), "a Würstchen v2 file, not Stable Cascade", "stage_c.safetensors"
+              if stable_cascade_kind == "stage_c" else "stage_b.safetensors")
+
+
+@pytest.mark.parametrize("name, v2_kind", [("stage_c_lite", "v2_prior"), ("stage_b_lite", "v2_decoder")])
+def test_stable_cascade_files_are_refused_by_v2_loaders(tmp_path, name, v2_kind):
+    path = _official_file(tmp_path, name)
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.load(path, kinds=[v2_kind])
+    _one_line(info, path.name, "Stable Cascade (Würstchen v3) file, not Würstchen v2", kinds.title(v2_kind),
+              "wuerstchen-prior/prior" if v2_kind == "v2_prior" else "model_v2_stage_b.pt")
 
 
 # ---------------------------------------------------------------- tiny files, real loading

@@ -130,8 +130,23 @@ def test_loaders_list_the_release_names(models):
     assert "image_encoder/model.safetensors" in files("WuerstchenCLIPVisionLoader")
     assert files("WuerstchenControlNetLoader") == ["controlnet/canny.safetensors", "controlnet/inpainting.safetensors",
                                                    "controlnet/super_resolution.safetensors"]
-    assert files("WuerstchenCheckpointLoader", "ckpt_name") == ["stable_cascade_stage_b.safetensors",
+    assert files("WuerstchenCheckpointLoader", "ckpt_name") == ["model_v2_stage_b.pt", "stable_cascade_stage_b.safetensors",
                                                                 "stable_cascade_stage_c.safetensors"]
+    # Würstchen v2's files in the loaders of their role (hub folders and the original .pt files)
+    v2_files = {
+        "WuerstchenStageCLoader": {"wuerstchen-prior/prior/diffusion_pytorch_model.safetensors", "model_v2_stage_c.pt",
+                                   "model_v3_stage_c.pt", "model_v2_stage_c_finetune_interpolation.pt"},
+        "WuerstchenStageBLoader": {"wuerstchen/decoder/diffusion_pytorch_model.safetensors", "model_v2_stage_b.pt"},
+        "WuerstchenStageALoader": {"wuerstchen/vqgan/diffusion_pytorch_model.safetensors", "vqgan_f4_v1_500k.pt"},
+        "WuerstchenSemanticCompressorLoader": {"model_v2_stage_b.pt"},
+        "WuerstchenCLIPTextLoader": {"wuerstchen-prior/text_encoder/model.safetensors",
+                                     "wuerstchen/text_encoder/model.safetensors"},
+    }
+    listed = {node: set(files(node)) for node in v2_files}
+    for node, names in v2_files.items():
+        assert names <= listed[node], node
+        others = set().union(*(v for k, v in v2_files.items() if k != node)) - names
+        assert not others & listed[node], node
     loras = NODE_CLASS_MAPPINGS["WuerstchenLoraLoader"].INPUT_TYPES()["required"]["lora_name"][0]
     assert "wuerstchen_tiny_lora.safetensors" in loras and "sdxl_kohya.safetensors" in loras
 

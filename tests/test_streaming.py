@@ -298,3 +298,33 @@ def test_the_schedule_lets_the_device_finish_a_block_before_copying_the_one_afte
         (readied if what == "ready" else finished if what == "done" else []).append(fid)
     assert sorted(readied) == sorted(finished) and len(set(readied)) == len(readied)
     assert len(readied) >= 2 * len(placement.streamed)  # each streamed block, in each of the two forwards
+
+
+@pytest.mark.parametrize("name", ["v2_prior", "v2_decoder"])
+def test_wuerstchen_v2_networks_stream_their_blocks_bit_identically(name):
+    """The v2 prior and decoder list their blocks in call order (their own schedule, not Stable Cascade's)."""
+    from conftest import load_v2
+    from wuerstchen.models import WuerstchenDiffNeXt, WuerstchenPrior
+
+    meta, weights, io = load_v2(name)
+    model = {"v2_prior": WuerstchenPrior, "v2_decoder": WuerstchenDiffNeXt}[name](**meta["config"])
+    model.load_state_dict(weights, strict=True)
+    model = model.eval().requires_grad_(False)
+    call = meta["calls"][0]
+    kwargs = {a["name"]: io[a["key"]] for a in call["args"] if "key" in a}
+    with torch.no_grad():
+        expected = model(**kwargs)
+    sim = SimulatedDevice()
+    placement = Placement(model, torch.device("cpu"), lambda device: sim)
+    calls = [0]
+    handles = [b.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)) for b in placement.blocks]
+    assert len(placement.schedule) == len(set(map(id, placement.schedule)))  # each block once
+    budget = _budget_streaming_half(placement)
+    placement.load("cpu", budget)
+    assert placement.streamed
+    with torch.no_grad():
+        got = model(**kwargs)
+    for h in handles:
+        h.remove()
+    assert torch.equal(got, expected) and calls[0] == len(placement.schedule)
+    assert placement.unload() > 0 and sim.live == 0

@@ -554,7 +554,7 @@ def test_a_truncated_model_is_reported_as_truncated_not_missing(tmp_path, capsys
     raw = (models / "stage_b.safetensors").read_bytes()
     (models / "stage_b.safetensors").write_bytes(raw[: len(raw) - 100])
     rc = cli.main(["generate", "--prompt", "a cat", "--models", str(models), "--out", str(tmp_path / "o.png"),
-                   "--width", "64", "--height", "64", "--c-steps", "1", "--b-steps", "1"])
+                   "--width", "64", "--height", "64", "--c-steps", "1", "--b-steps", "1", "--family", "v3"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "Stage B" in err and "stage_b.safetensors" in err and "truncated" in err

@@ -26,7 +26,8 @@ from workflow_runner import WorkflowError, WorkflowRunner, core_nodes, load_work
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO / "workflows"
 WORKFLOWS = ("text_to_image", "image_to_image", "image_variation", "lora", "controlnet_canny",
-             "controlnet_inpainting", "super_resolution", "checkpoint_text_to_image")
+             "controlnet_inpainting", "super_resolution", "checkpoint_text_to_image", "wuerstchen_v2_text_to_image",
+             "wuerstchen_v2_image_to_image")
 EXAMPLE_SIZE = (128, 96)  # width, height of the test's example.png
 SMALL_RUN = {"WuerstchenEmptyLatent.width": 256, "WuerstchenEmptyLatent.height": 256, "steps": 3}
 PROMPT = "Cinematic photo of an anthropomorphic penguin sitting in a cafe reading a book and having a coffee"
@@ -172,6 +173,38 @@ def test_official_defaults_and_files():
     assert ckpts == ["stable_cascade_stage_b.safetensors", "stable_cascade_stage_c.safetensors"]
 
 
+def test_v2_workflows_name_the_release_files_and_the_hub_recipe():
+    for name in ("wuerstchen_v2_text_to_image", "wuerstchen_v2_image_to_image"):
+        wf = workflow(name)
+        assert widgets_of(wf, "WuerstchenStageCLoader")["model_name"] == \
+            "wuerstchen-prior/prior/diffusion_pytorch_model.safetensors"
+        assert widgets_of(wf, "WuerstchenStageBLoader")["model_name"] == \
+            "wuerstchen/decoder/diffusion_pytorch_model.safetensors"
+        assert widgets_of(wf, "WuerstchenStageALoader")["model_name"] == \
+            "wuerstchen/vqgan/diffusion_pytorch_model.safetensors"
+        assert widgets_of(wf, "WuerstchenCLIPTextLoader", "Prior text encoder (bigG)")["model_name"] == \
+            "wuerstchen-prior/text_encoder/model.safetensors"
+        assert widgets_of(wf, "WuerstchenCLIPTextLoader", "Decoder text encoder (ViT-H)")["model_name"] == \
+            "wuerstchen/text_encoder/model.safetensors"
+        prior = widgets_of(wf, "WuerstchenStageCSampler")
+        assert (prior["steps"], prior["cfg"], prior["sampler"]) == (0, 4.0, "ddpm")  # 0: the hub's 29-step grid
+        assert prior["denoise"] == (0.6 if "image_to_image" in name else 1.0)
+        decoder = widgets_of(wf, "WuerstchenStageBSampler")
+        assert (decoder["steps"], decoder["cfg"], decoder["width"], decoder["height"]) == (12, 0.0, 0, 0)
+        # each stage's prompts come from its own tower
+        by_id = {n["id"]: n for n in wf["nodes"]}
+        for sampler, tower in (("WuerstchenStageCSampler", "Prior text encoder (bigG)"),
+                               ("WuerstchenStageBSampler", "Decoder text encoder (ViT-H)")):
+            node = next(n for n in wf["nodes"] if n["type"] == sampler)
+            for socket in ("positive", "negative"):
+                link = node["inputs"][[i["name"] for i in node["inputs"]].index(socket)]["link"]
+                encode = by_id[next(lk[1] for lk in wf["links"] if lk[0] == link)]
+                clip_link = encode["inputs"][0]["link"]
+                assert by_id[next(lk[1] for lk in wf["links"] if lk[0] == clip_link)]["title"] == tower
+    assert widgets_of(workflow("wuerstchen_v2_image_to_image"), "WuerstchenSemanticCompressorLoader")["model_name"] \
+        == "model_v2_stage_b.pt"
+
+
 def test_lora_clip_feeds_both_prompts():
     wf = workflow("lora")
     lora = next(n for n in wf["nodes"] if n["type"] == "WuerstchenLoraLoader")
@@ -203,6 +236,8 @@ def _run(env, name, overrides):
     ("controlnet_inpainting", (256, 256)),
     ("super_resolution", (256, 256)),
     ("checkpoint_text_to_image", (256, 256)),
+    ("wuerstchen_v2_text_to_image", (256, 256)),
+    ("wuerstchen_v2_image_to_image", (128, 128)),  # the 128x96 input: a 3x3 prior latent, 4 * int(3 * 10.67) = 128
 ])
 def test_workflow_runs(env, name, size):
     result, out_size, pixels = _run(env, name, SMALL_RUN)
@@ -247,7 +282,7 @@ def test_unknown_node_type_is_reported(env):
 
 @pytest.mark.parametrize("node_type,index,value,expected", [
     ("WuerstchenStageCSampler", 5, "heun", "widget 'sampler' = 'heun' is not one of the choices ('ddpm'"),
-    ("WuerstchenStageCSampler", 2, 0, "widget 'steps' = 0 is below its minimum 1"),
+    ("WuerstchenStageCSampler", 2, -1, "widget 'steps' = -1 is below its minimum 0"),
     ("WuerstchenStageCSampler", 6, 1.5, "widget 'denoise' = 1.5 is above its maximum 1.0"),
     ("WuerstchenStageCSampler", 1, "sometimes", "control_after_generate = 'sometimes'"),
     ("WuerstchenEmptyLatent", 0, "1024", "widget 'width' = '1024' is not an integer"),

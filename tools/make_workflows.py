@@ -405,6 +405,98 @@ def checkpoint_text_to_image() -> Workflow:
     return wf
 
 
+# ------------------------------------------------------------------------------------------------
+# Würstchen v2: the same nodes; the models tell them the family
+
+
+V2_FILES = dict(prior="wuerstchen-prior/prior/diffusion_pytorch_model.safetensors",
+                decoder="wuerstchen/decoder/diffusion_pytorch_model.safetensors",
+                vqgan="wuerstchen/vqgan/diffusion_pytorch_model.safetensors",
+                prior_text="wuerstchen-prior/text_encoder/model.safetensors",
+                decoder_text="wuerstchen/text_encoder/model.safetensors",
+                effnet="model_v2_stage_b.pt")
+
+
+def _v2_models(wf: Workflow):
+    prior = wf.add("WuerstchenStageCLoader", 0, "Würstchen v2 models", title="Würstchen v2 prior", width=480,
+                   model_name=V2_FILES["prior"])
+    decoder = wf.add("WuerstchenStageBLoader", 0, "Würstchen v2 models", title="Würstchen v2 decoder", width=480,
+                     model_name=V2_FILES["decoder"])
+    vqgan = wf.add("WuerstchenStageALoader", 0, "Würstchen v2 models", title="VQGAN", width=480,
+                   model_name=V2_FILES["vqgan"])
+    prior_clip = wf.add("WuerstchenCLIPTextLoader", 0, "Würstchen v2 models", title="Prior text encoder (bigG)",
+                        width=480, model_name=V2_FILES["prior_text"])
+    decoder_clip = wf.add("WuerstchenCLIPTextLoader", 0, "Würstchen v2 models", title="Decoder text encoder (ViT-H)",
+                          width=480, model_name=V2_FILES["decoder_text"])
+    return prior, decoder, vqgan, prior_clip, decoder_clip
+
+
+def _v2_prompts(wf: Workflow, prior_clip: Node, decoder_clip: Node, column: int):
+    """The prompt through both towers (the hub pipelines encode it once per stage), negatives empty."""
+    encodes = []
+    for clip, stage in ((prior_clip, "prior"), (decoder_clip, "decoder")):
+        pos = wf.add("WuerstchenTextEncode", column, "Prompt", title=f"Prompt ({stage})", width=400, text=PROMPT)
+        neg = wf.add("WuerstchenTextEncode", column, "Prompt", title=f"Negative prompt ({stage}; hub: empty)",
+                     width=400, text="")
+        wf.link(clip, "clip", pos, "clip")
+        wf.link(clip, "clip", neg, "clip")
+        encodes.append((pos, neg))
+    return encodes
+
+
+def _v2_sample_and_decode(wf: Workflow, column: int, models, encodes, latent: Tuple[Node, str], prefix: str,
+                          denoise: float = 1.0, note: str = "") -> None:
+    prior, decoder, vqgan, _, _ = models
+    (prior_pos, prior_neg), (decoder_pos, decoder_neg) = encodes
+    sampler = wf.add("WuerstchenStageCSampler", column, "Prior", title="Prior sampler (Würstchen v2)", seed=SEED,
+                     steps=0, denoise=denoise)
+    wf.link(prior, "stage_c", sampler, "stage_c")
+    wf.link(prior_pos, "CONDITIONING", sampler, "positive")
+    wf.link(prior_neg, "CONDITIONING", sampler, "negative")
+    wf.link(latent[0], latent[1], sampler, "latent")
+    wf.note(column, "steps 0 = the hub's 29-step grid (cfg 4);\nany other number: that many uniform steps.\n"
+            "shift and cfg_rho are Stable Cascade\nsettings: Würstchen v2 does not use them." + note, group="Prior")
+    dec = wf.add("WuerstchenStageBSampler", column + 1, "Decoder", title="Decoder sampler (Würstchen v2)", seed=SEED,
+                 steps=12, cfg=0.0)
+    wf.link(decoder, "stage_b", dec, "stage_b")
+    wf.link(sampler, "stage_c", dec, "stage_c")
+    wf.link(decoder_pos, "CONDITIONING", dec, "positive")
+    wf.link(decoder_neg, "CONDITIONING", dec, "negative")
+    wf.note(column + 1, "The hub decoder recipe: 12 steps,\ncfg 0 (no guidance); the output size\n"
+            "follows the prior latent (width/height 0).", group="Decoder")
+    decode = wf.add("WuerstchenStageADecode", column + 2, "VQGAN")
+    wf.link(vqgan, "stage_a", decode, "stage_a")
+    wf.link(dec, "stage_b", decode, "latent")
+    save = wf.add("SaveImage", column + 3, "Output", width=520, extra_height=480, filename_prefix=prefix)
+    wf.link(decode, "IMAGE", save, "images")
+
+
+def wuerstchen_v2_text_to_image() -> Workflow:
+    wf = Workflow("wuerstchen_v2_text_to_image")
+    models = _v2_models(wf)
+    encodes = _v2_prompts(wf, models[3], models[4], 1)
+    lat = empty_latent(wf, 1)
+    wf.note(1, "Würstchen v2 sizes: multiples of 128\n(the decoder needs a prior latent\nside divisible by 3).",
+            group="Size")
+    _v2_sample_and_decode(wf, 2, models, encodes, (lat, "stage_c"), "wuerstchen_v2")
+    return wf
+
+
+def wuerstchen_v2_image_to_image() -> Workflow:
+    wf = Workflow("wuerstchen_v2_image_to_image")
+    models = _v2_models(wf)
+    eff = wf.add("WuerstchenSemanticCompressorLoader", 0, "Würstchen v2 models", title="v2 semantic compressor",
+                 width=480, model_name=V2_FILES["effnet"])
+    encodes = _v2_prompts(wf, models[3], models[4], 1)
+    img = load_image(wf, 1, "Input image", "Input image")
+    enc = wf.add("WuerstchenSemanticEncode", 1, "Input image")
+    wf.link(eff, "semantic_compressor", enc, "semantic_compressor")
+    wf.link(img, "IMAGE", enc, "image")
+    _v2_sample_and_decode(wf, 2, models, encodes, (enc, "stage_c"), "wuerstchen_v2_img2img", denoise=0.6,
+                          note="\ndenoise 0.6: lower keeps more\nof the input image.")
+    return wf
+
+
 WORKFLOWS = {
     "text_to_image": text_to_image,
     "image_to_image": image_to_image,
@@ -414,6 +506,8 @@ WORKFLOWS = {
     "controlnet_inpainting": controlnet_inpainting,
     "super_resolution": super_resolution,
     "checkpoint_text_to_image": checkpoint_text_to_image,
+    "wuerstchen_v2_text_to_image": wuerstchen_v2_text_to_image,
+    "wuerstchen_v2_image_to_image": wuerstchen_v2_image_to_image,
 }
 
 

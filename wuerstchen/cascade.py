@@ -94,19 +94,84 @@ class CascadeFiles:
             controlnets.setdefault(det.variant, path)
         return cls(parts, controlnets, skipped)
 
-    def require(self, kinds: Sequence[str], root: os.PathLike | str) -> None:
-        missing = [k for k in kinds if k not in self.parts]
-        if not missing:
-            return
-        lines = [f"Missing model weights in {root}:"]
+    def missing(self, kinds: Sequence[str]) -> List[str]:
+        return [k for k in kinds if k not in self.parts]
+
+    def complete_families(self) -> List[str]:
+        """The model families (:data:`wuerstchen.kinds.FAMILIES`) whose text-to-image set is here."""
+        return [name for name, fam in kind_table.FAMILIES.items() if not self.missing(fam.text_to_image)]
+
+    def _missing_lines(self, missing: Sequence[str], family: Optional[str]) -> List[str]:
+        lines = []
         for k in missing:
             kind = kind_table.get(k)
             purpose = f" ({kind.purpose})" if kind.purpose else ""
-            lines.append(f"  - {kind.title}{purpose}: one of {kind.file_names()}  (download from {kind.download})")
+            sources = "; ".join(f"{', '.join(names)}  (download from {url})"
+                                for url, names in kind.sources(family or kind.family))
+            lines.append(f"  - {kind.title}{purpose}: one of {sources}")
             lines.extend(f"    {s.describe()}" for s in skipped_for(self.skipped, k))
-        lines.append(f"Put the files anywhere under {root} (sub-folders are fine); they are recognised by "
-                     "their contents, not their names. ComfyUI users can point --models at ComfyUI/models.")
+        return lines
+
+    def require(self, kinds: Sequence[str], root: os.PathLike | str, family: Optional[str] = None) -> None:
+        """Raise :class:`MissingWeightsError` naming each missing kind's release files (those of
+        ``family`` for a kind that two families share, the VQGAN; by default the kind's own family)."""
+        missing = self.missing(kinds)
+        if not missing:
+            return
+        lines = [f"Missing model weights in {root}:"] + self._missing_lines(missing, family)
+        lines.append(_PUT_THEM_ANYWHERE.format(root=root))
         raise MissingWeightsError("\n".join(lines))
+
+    def choose_family(self, root: os.PathLike | str, requested: Optional[str] = None) -> tuple:
+        """``(family, note)``: ``requested``, else the one family whose set is complete here. With
+        both complete, Stable Cascade, and ``note`` says how to pick Würstchen v2; with neither,
+        :class:`MissingWeightsError` lists what each family misses (the nearer one first)."""
+        if requested is not None:
+            kind_table.FAMILIES[requested]  # noqa: B018 - a KeyError names an unknown family
+            return requested, None
+        complete = self.complete_families()
+        if len(complete) == 1:
+            return complete[0], self._partial_note(complete[0])
+        if complete:
+            other = [f for f in complete if f != kind_table.STABLE_CASCADE]
+            return kind_table.STABLE_CASCADE, (
+                f"{root} holds complete {kind_table.family_title(kind_table.STABLE_CASCADE)} and "
+                + " and ".join(kind_table.family_title(f) for f in other) + " sets; using Stable Cascade ("
+                + ", ".join(f"--family {kind_table.FAMILIES[f].short} for {kind_table.family_title(f)}" for f in other)
+                + ")")
+        families = sorted(kind_table.FAMILIES.values(), key=lambda f: len(self.missing(f.text_to_image)))
+        lines = [f"Missing model weights in {root}: no model family is complete."]
+        for fam in families:
+            lines.append(f"For {fam.title} (--family {fam.short}):")
+            lines += self._missing_lines(self.missing(fam.text_to_image), fam.name)
+        lines.append(_PUT_THEM_ANYWHERE.format(root=root))
+        raise MissingWeightsError("\n".join(lines))
+
+
+    def _partial_note(self, chosen: str) -> Optional[str]:
+        """When another family's files are here too but its set is incomplete, say so (a broken or
+        missing file there would otherwise silently switch the family)."""
+        notes = []
+        for fam in kind_table.FAMILIES.values():
+            if fam.name == chosen:
+                continue
+            own = [k for k in fam.text_to_image if kind_table.get(k).family == fam.name]
+            present = [k for k in own if k in self.parts or skipped_for(self.skipped, k)]
+            if not present:
+                continue
+            missing = self.missing(fam.text_to_image)
+            broken = [s.describe() for k in missing for s in skipped_for(self.skipped, k)]
+            notes.append(f"the {fam.title} set here is incomplete (missing: "
+                         + ", ".join(kind_table.title(k) for k in missing) + ")"
+                         + (f"; {'; '.join(broken)}" if broken else "")
+                         + f"; pass --family {fam.short} to see what it needs")
+        if not notes:
+            return None
+        return f"using {kind_table.family_title(chosen)}: " + "; ".join(notes)
+
+
+_PUT_THEM_ANYWHERE = ("Put the files anywhere under {root} (sub-folders are fine); they are recognised by their "
+                      "contents, not their names. ComfyUI users can point --models at ComfyUI/models.")
 
 
 class Cascade:

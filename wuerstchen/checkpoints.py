@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import kinds as kind_table
+from . import layouts
 from .layouts import LayoutError, Shapes
 from .models.ops import fp8_weight_names, is_fp8
 from .weights_io import WeightFileError, WeightSource
@@ -121,11 +122,13 @@ def _siblings(kind: kind_table.ModelKind, shapes: Shapes, sub: Dict[str, Tuple[i
 
 def _identify(kind: kind_table.ModelKind, shapes: Shapes, prefix: str, hints: Dict[str, dict]) -> Optional[Detection]:
     sub = _strip(shapes, prefix)
-    if not kind.identifies(sub):
+    if not any(layouts.has_keys(sub, keys) for keys in kind.markers):
         return None
     siblings = _siblings(kind, shapes, sub, prefix)
     for name, (key, transposed) in siblings.items():
         sub[name] = tuple(shapes[key])[::-1] if transposed else tuple(shapes[key])
+    if not kind.identifies(sub, hints):  # keys that must be absent, last checks (siblings included)
+        return None
     try:
         variant, config = kind.layout(sub, hints.get(kind.name))
     except LayoutError as exc:
@@ -170,10 +173,6 @@ def describe_foreign(shapes: Shapes) -> str:
 
     if looks_like_lora(keys):
         return "a LoRA (load it with the Wuerstchen LoRA loader, not as a model)"
-    if any_key("projection.weight") and any_key("cond_mapper.0.weight") and any_key(".kv_mapper."):
-        return "a Würstchen v2 prior (warp-ai/wuerstchen-prior), not Stable Cascade's Stage C"
-    if any_key("clip_mapper.weight") and any_key("effnet_mappers."):
-        return "a Würstchen v2 decoder (warp-ai/wuerstchen), not Stable Cascade's Stage B"
     if any_key("double_blocks.", "single_blocks."):
         return "a Flux model"
     if any_key("joint_blocks."):
@@ -221,6 +220,17 @@ def _check_shapes(module: nn.Module, shapes: Shapes, name: str, title: str) -> N
         lines.append("  shape mismatches, e.g. " + ", ".join(
             f"{k}: file {list(shapes[k])} vs model {list(expected[k])}" for k in wrong[:5]))
     raise CheckpointError("\n".join(lines))
+
+
+def _family_note(parts: Sequence[Detection], kinds: Optional[Sequence[str]]) -> str:
+    """' (a Würstchen v2 file, not Stable Cascade)' when the file is of another family than asked for."""
+    found = {kind_table.get(p.kind).family for p in parts}
+    asked = {kind_table.get(k).family for k in kinds or ()}
+    if not asked or found & asked or len(found) != 1:
+        return ""
+    (family,) = found
+    others = " or ".join(kind_table.family_title(f) for f in sorted(asked))
+    return f" (a {kind_table.family_title(family)} file, not {others})"
 
 
 def _accepted_list(kinds: Optional[Sequence[str]]) -> str:
@@ -280,7 +290,7 @@ def load_parts(
     wanted = [p for p in parts if kinds is None or p.kind in kinds]
     if not wanted:
         if parts:
-            what = " + ".join(p.title for p in parts)
+            what = " + ".join(p.title for p in parts) + _family_note(parts, kinds)
         else:
             what = describe_foreign(shapes)
         expected = ", ".join(kind_table.title(k) for k in kinds) if kinds else "a model this pack knows"
@@ -329,7 +339,7 @@ def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detectio
             raise CheckpointError(f"{path.name}: cannot load {det.title}: {exc}") from None
         return _finish(LoadedModel(det.kind, det.variant, det.config, module, path), dtype)
 
-    sub_shapes = _strip(shapes, det.prefix)
+    sub_shapes = {k: v for k, v in _strip(shapes, det.prefix).items() if not _ignorable(k)}
     try:
         with torch.device("meta"):
             module = build_module(det.kind, det.config)
@@ -339,25 +349,34 @@ def _load_detection(src: WeightSource, path: Path, shapes: Shapes, det: Detectio
             f"non-official model needs its config in the file's '{CONFIG_METADATA_KEY}' metadata"
         ) from None
     module_keys = list(module.state_dict().keys())
-    # File key for each module key (diffusers' VQGAN names the codebook differently).
-    file_key = {k: _ALIASES.get(k, k) if _ALIASES.get(k, k) in sub_shapes and k not in sub_shapes else k
-                for k in module_keys}
-    renamed = {next((m for m, f in file_key.items() if f == k), k): v for k, v in sub_shapes.items()}
-    _check_shapes(module, {k: v for k, v in renamed.items() if not _ignorable(k)}, path.name, det.title)
     expected = module.state_dict()
-    src.check_floating([det.prefix + file_key[k] for k in module_keys if expected[k].is_floating_point()], det.title)
     low = set(fp8_weight_names(module)) if compute_dtype is not None else set()
-    raw = _read_network(src, shapes, det, [file_key[k] for k in module_keys if k not in low], compute_dtype or dtype, device)
-    if low:
-        raw.update(_read_network(src, shapes, det, [file_key[k] for k in module_keys if k in low], dtype, device))
-    sd = {k: raw[file_key[k]] for k in module_keys}
-    module.load_state_dict(sd, strict=True, assign=True)
+    if kind.respell is None:
+        _check_shapes(module, sub_shapes, path.name, det.title)
+        src.check_floating([det.prefix + k for k in module_keys if expected[k].is_floating_point()], det.title)
+        raw = _read_network(src, shapes, det, [k for k in module_keys if k not in low], compute_dtype or dtype, device)
+        if low:
+            raw.update(_read_network(src, shapes, det, [k for k in module_keys if k in low], dtype, device))
+    else:  # the file may spell keys another way: check the respelled shapes, then read and respell
+        meta = {k: torch.empty(v, device="meta") for k, v in sub_shapes.items()}
+        kind.respell(meta)
+        _check_shapes(module, {k: tuple(t.shape) for k, t in meta.items()}, path.name, det.title)
+        src.check_floating([det.prefix + k for k in sub_shapes if k not in expected or expected[k].is_floating_point()],
+                           det.title)
+        # Keys the module shares are read in their final dtype; the others in the file's, respelled
+        # (e.g. q, k, v concatenated), then cast once.
+        same = [k for k in sub_shapes if k in expected]
+        raw = _read_network(src, shapes, det, [k for k in same if k not in low], compute_dtype or dtype, device)
+        raw.update(_read_network(src, shapes, det, [k for k in same if k in low], dtype, device))
+        raw.update(_read_network(src, shapes, det, [k for k in sub_shapes if k not in expected], None, device))
+        kind.respell(raw)
+        for k in module_keys:
+            want = dtype if k in low else compute_dtype or dtype
+            if want is not None and raw[k].is_floating_point() and raw[k].dtype != want:
+                raw[k] = raw[k].to(want)
+    module.load_state_dict({k: raw[k] for k in module_keys}, strict=True, assign=True)
     _require_filled_buffers(module)
     return _finish(LoadedModel(det.kind, det.variant, det.config, module, path), dtype, compute_dtype)
-
-
-# Our key -> another layout's spelling of the same tensor.
-_ALIASES = {"vquantizer.codebook.weight": "vquantizer.embedding.weight"}
 
 
 def _ignorable(key: str) -> bool:

@@ -1,5 +1,8 @@
 """Command line: ``python -m wuerstchen generate …`` and ``python -m wuerstchen tiny-models DIR``.
 
+``generate`` runs the model family whose files it finds in ``--models`` (Stable Cascade, or
+Würstchen v2; ``--family v2|v3`` picks one), with that family's official defaults.
+
 ``generate`` takes LoRAs (``--lora PATH[:MODEL_STRENGTH[:TEXT_STRENGTH]]``, repeatable: stacked) and
 ControlNet hints (``--control KIND=IMAGE[:STRENGTH][:START:END]``, repeatable: chained, ``--mask``
 for inpainting). Everything the command line names is read and checked first: a value that cannot
@@ -32,6 +35,24 @@ STAGE_B_FLAGS = {"steps": "--b-steps", "cfg": "--b-cfg", "shift": "--b-shift", "
                  "sampler": "--b-sampler"}
 
 
+FAMILY_FLAGS = {"v3": "stable_cascade", "v2": "wuerstchen_v2"}  # --family -> wuerstchen.kinds family
+
+# Options that only Stable Cascade has: (dest, flag, why v2 has none).
+_STABLE_CASCADE_ONLY = (
+    ("compression", "--compression", "the v2 prior latent is always ceil(side / 42.67)"),
+    ("c_shift", "--c-shift", "v2 has no schedule shift"),
+    ("b_shift", "--b-shift", "v2 has no schedule shift"),
+    ("cfg_rho", "--cfg-rho", "v2 guidance is plain CFG"),
+    ("b_sampler", "--b-sampler", "v2 has only its own DDPM scheduler"),
+    ("stage_c_variant", "--stage-c-variant", "v2 has one prior"),
+    ("stage_b_variant", "--stage-b-variant", "v2 has one decoder"),
+    ("variation", "--variation", "image variations are a Stable Cascade feature"),
+    ("lora", "--lora", "LoRAs are a Stable Cascade feature"),
+    ("control", "--control", "ControlNets are a Stable Cascade feature"),
+    ("mask", "--mask", "ControlNets are a Stable Cascade feature"),
+)
+
+
 class UsageError(ValueError):
     """A command-line value that cannot be used: reported as one line, exit code 2, before any model loads."""
 
@@ -40,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     from .control import KINDS
     from .sampling import SAMPLERS
 
-    p = argparse.ArgumentParser(prog="python -m wuerstchen", description="Stable Cascade (Würstchen v3) text-to-image.")
+    p = argparse.ArgumentParser(prog="python -m wuerstchen",
+                                description="Stable Cascade (Würstchen v3) and Würstchen v2 text-to-image.")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images with the whole cascade")
@@ -55,15 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=1024)
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--compression", type=float, default=42.67, help="Stage C compression (official 42.67)")
-    g.add_argument("--c-steps", type=int, default=20)
-    g.add_argument("--c-cfg", type=float, default=4.0)
-    g.add_argument("--c-shift", type=float, default=2.0)
-    g.add_argument("--b-steps", type=int, default=10)
-    g.add_argument("--b-cfg", type=float, default=1.1)
-    g.add_argument("--b-shift", type=float, default=1.0)
-    g.add_argument("--cfg-rho", type=float, default=0.7, help="official CFG rescale (0 = plain CFG)")
-    g.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="sampler for both stages")
+    g.add_argument("--family", choices=sorted(FAMILY_FLAGS), default=None,
+                   help="v3: Stable Cascade, v2: Würstchen v2 (default: the family whose files --models holds; "
+                        "Stable Cascade when it holds both)")
+    # None = the family's official value (Stable Cascade | Würstchen v2).
+    g.add_argument("--compression", type=float, default=None, help="Stage C compression (official 42.67; v3 only)")
+    g.add_argument("--c-steps", type=int, default=None,
+                   help="Stage C / prior steps (v3: 20; v2: the hub's 29-step grid, or N uniform steps, e.g. 60)")
+    g.add_argument("--c-cfg", type=float, default=None, help="Stage C / prior guidance (official 4 for both)")
+    g.add_argument("--c-shift", type=float, default=None, help="Stage C schedule shift (official 2; v3 only)")
+    g.add_argument("--b-steps", type=int, default=None, help="Stage B / decoder steps (v3: 10, v2: 12)")
+    g.add_argument("--b-cfg", type=float, default=None,
+                   help="Stage B / decoder guidance (v3: 1.1; v2: 0 = off, guidance needs > 1)")
+    g.add_argument("--b-shift", type=float, default=None, help="Stage B schedule shift (official 1; v3 only)")
+    g.add_argument("--cfg-rho", type=float, default=None, help="official CFG rescale 0.7 (0 = plain CFG; v3 only)")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="sampler for both stages (default ddpm; v2 has only its own DDPM scheduler)")
     g.add_argument("--b-sampler", choices=SAMPLERS, default=None, help="Stage B sampler (default: --sampler)")
     g.add_argument("--image", default=None, help="input image for img2img or --variation")
     g.add_argument("--variation", action="store_true", help="use --image as an image variation reference")
@@ -205,19 +234,18 @@ def check_out(out: str) -> Path:
 
 
 def _parse_settings(args, image_given: bool):
-    """The two stages' settings, each refused by the flag that set it."""
+    """Stable Cascade's two stages' settings (the options given, else the official values), each
+    refused by the flag that set it."""
     from .limits import RequestError, check_sampling
     from .pipeline import StageBSettings, StageCSettings
 
-    if args.variation and not image_given:
-        raise UsageError("--variation needs --image (the reference picture to make variations of)")
-    if args.denoise is not None and (not image_given or args.variation):
-        raise UsageError("--denoise is the img2img strength: it is only used with --image and without --variation")
-    denoise = (IMG2IMG_DENOISE if args.denoise is None else args.denoise) if image_given and not args.variation else 1.0
-    c = dict(steps=args.c_steps, cfg=args.c_cfg, shift=args.c_shift, sampler=args.sampler, cfg_rho=args.cfg_rho,
-             denoise=denoise)
-    b = dict(steps=args.b_steps, cfg=args.b_cfg, shift=args.b_shift, sampler=args.b_sampler or args.sampler,
-             cfg_rho=args.cfg_rho)
+    denoise = _denoise(args, image_given)
+    C, B = StageCSettings, StageBSettings  # their defaults are the official values
+    sampler = _or(args.sampler, C.sampler)
+    c = dict(steps=_or(args.c_steps, C.steps), cfg=_or(args.c_cfg, C.cfg), shift=_or(args.c_shift, C.shift),
+             sampler=sampler, cfg_rho=_or(args.cfg_rho, C.cfg_rho), denoise=denoise)
+    b = dict(steps=_or(args.b_steps, B.steps), cfg=_or(args.b_cfg, B.cfg), shift=_or(args.b_shift, B.shift),
+             sampler=args.b_sampler or sampler, cfg_rho=_or(args.cfg_rho, B.cfg_rho))
     try:
         check_sampling("Stage C", **c, names=STAGE_C_FLAGS)
         check_sampling("Stage B", **b, names=STAGE_B_FLAGS)
@@ -241,7 +269,8 @@ def _check_request(args) -> None:
         check_device(args.device, "--device")
         check_size(args.height, args.width, "--width/--height")
         check_batch(args.batch, "--batch")
-        check_compression(args.compression, "--compression")
+        if args.compression is not None:
+            check_compression(args.compression, "--compression")
     except RequestError as exc:
         raise UsageError(str(exc)) from None
 
@@ -284,24 +313,10 @@ def _save_images(images: torch.Tensor, out: str) -> Tuple[List[Path], bool]:
     return paths, all_there
 
 
-def cmd_generate(args) -> int:
+def _progress_bars():
+    """(progress callback, the bars it opened): one tqdm bar per stage."""
     from tqdm import tqdm
 
-    from .cascade import Cascade, CascadeFiles, MissingWeightsError
-    from .limits import NonFiniteError, RequestError
-    from .management import ModelManager
-
-    try:
-        _check_request(args)
-        stage_c, stage_b = _parse_settings(args, args.image is not None)
-        image, loras, controls = _parse_inputs(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    files = CascadeFiles.from_dir(args.models, args.stage_c_variant, args.stage_b_variant)
-    manager = ModelManager(dtype=WEIGHT_DTYPES[args.dtype], device=args.device, memory_budget=args.vram_budget)
-    embeddings = args.embeddings or str(Path(args.models) / "embeddings")
-    cascade = Cascade(files, manager, root=args.models, embeddings=embeddings)
     bars = {}
 
     def progress(stage: str, i: int, n: int) -> None:
@@ -312,12 +327,95 @@ def cmd_generate(args) -> int:
         if i >= n:
             bar.close()
 
+    return progress, bars
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _denoise(args, image_given: bool) -> float:
+    if args.variation and not image_given:
+        raise UsageError("--variation needs --image (the reference picture to make variations of)")
+    if args.denoise is not None and (not image_given or args.variation):
+        raise UsageError("--denoise is the img2img strength: it is only used with --image and without --variation")
+    return (IMG2IMG_DENOISE if args.denoise is None else args.denoise) if image_given and not args.variation else 1.0
+
+
+def v2_settings(args, image_given: bool = False) -> tuple:
+    """(PriorSettings, DecoderSettings, denoise) for Würstchen v2, refusing the options only Stable
+    Cascade has and sizes the v2 decoder cannot make.
+
+    The prior runs the hub's 29-step grid unless ``--c-steps`` asks for N uniform steps; the decoder
+    12 steps without guidance unless ``--b-steps``/``--b-cfg`` say otherwise."""
+    from .limits import RequestError, check_number
+    from .pipeline_v2 import DecoderSettings, PriorSettings, check_size_v2
+
+    for dest, flag, why in _STABLE_CASCADE_ONLY:
+        if getattr(args, dest) not in (None, False, []):
+            raise UsageError(f"{flag} is a Stable Cascade option and these are Würstchen v2 weights ({why}); "
+                             "drop it, or pass --family v3 with Stable Cascade weights")
+    if args.sampler not in (None, "ddpm"):
+        raise UsageError(f"--sampler {args.sampler}: Würstchen v2 samples with its own DDPM scheduler only "
+                         "(--sampler ddpm, or leave it out)")
+    denoise = _denoise(args, image_given)
     try:
-        images = cascade.generate(
-            args.prompt, args.negative, width=args.width, height=args.height, batch=args.batch, seed=args.seed,
-            stage_c=stage_c, stage_b=stage_b, image=image, image_mode="variation" if args.variation else "img2img",
-            compression=args.compression, loras=loras, controls=controls, progress=progress,
-        )
+        check_size_v2(args.height, args.width, where="--width/--height")
+        check_number(denoise, "--denoise", above=0, maximum=1, official=IMG2IMG_DENOISE)
+        prior = PriorSettings(cfg=_or(args.c_cfg, PriorSettings.cfg), steps=args.c_steps)
+        decoder = DecoderSettings(steps=_or(args.b_steps, DecoderSettings.steps), cfg=_or(args.b_cfg, DecoderSettings.cfg))
+    except (RequestError, ValueError) as exc:
+        message = str(exc)
+        for name, flag in (("prior steps", "--c-steps"), ("prior cfg", "--c-cfg"), ("decoder steps", "--b-steps"),
+                           ("decoder cfg", "--b-cfg")):
+            message = message.replace(name, flag, 1) if message.startswith(name) else message
+        raise UsageError(message) from None
+    return prior, decoder, denoise
+
+
+def cmd_generate(args) -> int:
+    from .cascade import Cascade, CascadeFiles, MissingWeightsError
+    from .limits import NonFiniteError, RequestError
+    from .management import ModelManager
+    from .pipeline import OFFICIAL_COMPRESSION
+
+    try:
+        _check_request(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    files = CascadeFiles.from_dir(args.models, args.stage_c_variant, args.stage_b_variant)
+    try:
+        family, note = files.choose_family(args.models, FAMILY_FLAGS.get(args.family))
+    except MissingWeightsError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    v2 = family == FAMILY_FLAGS["v2"]
+    try:
+        if v2:
+            prior, decoder, denoise = v2_settings(args, args.image is not None)
+        else:
+            stage_c, stage_b = _parse_settings(args, args.image is not None)
+        image, loras, controls = _parse_inputs(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    manager = ModelManager(dtype=WEIGHT_DTYPES[args.dtype], device=args.device, memory_budget=args.vram_budget)
+    embeddings = args.embeddings or str(Path(args.models) / "embeddings")
+    progress, bars = _progress_bars()
+    try:
+        if v2:
+            images = _generate_v2(args, files, manager, embeddings, image, prior, decoder, denoise, progress)
+        else:
+            cascade = Cascade(files, manager, root=args.models, embeddings=embeddings)
+            images = cascade.generate(
+                args.prompt, args.negative, width=args.width, height=args.height, batch=args.batch, seed=args.seed,
+                stage_c=stage_c, stage_b=stage_b, image=image, image_mode="variation" if args.variation else "img2img",
+                compression=_or(args.compression, OFFICIAL_COMPRESSION), loras=loras, controls=controls,
+                progress=progress,
+            )
     except MissingWeightsError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -334,6 +432,20 @@ def cmd_generate(args) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0 if all_there else 1
+
+
+def _generate_v2(args, files, manager, embeddings, image, prior, decoder, denoise, progress) -> torch.Tensor:
+    from .cascade_v2 import CascadeV2
+    from .pipeline_v2 import output_size
+
+    real = output_size(args.height, args.width)
+    if real != (args.height, args.width):
+        print(f"note: Würstchen v2 makes {real[1]}x{real[0]} for {args.width}x{args.height} (its latent sizes "
+              "are fixed fractions of the image)", file=sys.stderr)
+    cascade = CascadeV2(files, manager, root=args.models, embeddings=embeddings)
+    return cascade.generate(args.prompt, args.negative, width=args.width, height=args.height, batch=args.batch,
+                            seed=args.seed, prior=prior, decoder=decoder, image=image, denoise=denoise,
+                            progress=progress)
 
 
 def cmd_tiny_models(args) -> int:

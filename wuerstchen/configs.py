@@ -49,6 +49,17 @@ CONTROLNET = {
     "super_resolution": dict(c_in=16, c_proj=2048, proj_blocks=CONTROLNET_PROJ_BLOCKS, bottleneck_mode="large"),
 }
 
+# Würstchen v2 (warp-ai/wuerstchen-prior prior/config.json, warp-ai/wuerstchen decoder/config.json; the
+# original dome272 files hold the same networks). Heads are width / 64; dropout is the released 0.1.
+V2_PRIOR = dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
+V2_DECODER = dict(
+    c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640, 1280, 1280], nhead=[-1, 10, 20, 20],
+    blocks=[4, 4, 14, 4], level_config=["CT", "CTA", "CTA", "CTA"], inject_effnet=[False, True, True, True],
+    effnet_embd=16, clip_embd=1024, kernel_size=3, dropout=0.1,
+)
+V2_EFFNET = dict(c_latent=16, family="v2")
+
+
 def official(table: dict, variant: str) -> dict:
     """A deep copy of an official config, safe to modify."""
     return copy.deepcopy(table[variant])

@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import sampling
+from . import limits, sampling
 from .models.effnet import v2_effnet_to_raw
 from .pipeline import STAGE_B_COMPRESSION, cpu_generator, semantic_input
 from .schedule_v2 import (DEFAULT_DECODER_STEPS, check_timesteps, default_prior_timesteps,
@@ -119,6 +119,24 @@ def check_size_v2(height: int, width: int, multiple: int = DECODER_SIZE_MULTIPLE
             f"divisible by 3); use {nearest[1]}x{nearest[0]} (any multiple of 128 works)")
 
 
+def nearest_working_latent(height: int, width: int) -> Tuple[int, int]:
+    """The prior latent size nearest to ``height × width`` that the released decoder can take
+    (sides divisible by 3), e.g. for encoding an image of any size for img2img."""
+    return tuple(3 * max(1, round(e / 3)) for e in (height, width))
+
+
+def check_prior_latent_v2(height: int, width: int, multiple: int = DECODER_SIZE_MULTIPLE, where: str = "latent") -> None:
+    """Raise a one-line ValueError when a prior latent of ``height × width`` would give a decoder
+    latent the decoder cannot take (sides divisible by 3 work), naming image sizes that work."""
+    d_h, d_w = decoder_latent_size(height, width)
+    if height >= 1 and width >= 1 and not (d_h % multiple or d_w % multiple):
+        return
+    good = output_size(*(math.floor((e - 0.5) * V2_RESOLUTION_MULTIPLE) for e in nearest_working_latent(height, width)))
+    raise ValueError(f"{where}: a Würstchen v2 prior latent of {width}x{height} gives a decoder latent of {d_w}x{d_h}, "
+                     f"but the decoder needs multiples of {multiple} (prior latent sides divisible by 3); make the "
+                     f"image {good[1]}x{good[0]} (any multiple of 128 works, e.g. 1024x1024)")
+
+
 # --------------------------------------------------------------------------------------------
 # Text
 
@@ -139,14 +157,16 @@ def _prompt_list(prompts: Prompts, what: str) -> list:
 
 
 def encode_text_v2(text_encoder: nn.Module, prompts: Prompts, negative_prompts: Optional[Prompts] = None, *,
-                   num_images_per_prompt: int = 1, weights: bool = True, long_prompts: bool = True) -> V2Text:
+                   num_images_per_prompt: int = 1, weights: bool = True, long_prompts: bool = True,
+                   embeddings=None) -> V2Text:
     """Both sides of one tower's conditioning, as float32 CPU tensors.
 
     ``text_encoder`` must be a v2-family :class:`~wuerstchen.text.CLIPTextEncoder` (pad 49407,
     ``last_hidden_state``). The negative side is the embedding of ``negative_prompts`` (one for
     all, or one per prompt), or of "" when None. Prompt weights and long prompts behave as
-    :meth:`~wuerstchen.text.CLIPTextEncoder.encode_prompts` documents; a plain prompt of at most
-    75 tokens gives exactly the hub pipelines' embedding.
+    :meth:`~wuerstchen.text.CLIPTextEncoder.encode_prompts` documents (``embeddings``: where
+    ``embedding:NAME`` is looked up); a plain prompt of at most 75 tokens gives exactly the hub
+    pipelines' embedding.
     """
     family = getattr(text_encoder, "family", None)
     if family != "v2":
@@ -162,16 +182,17 @@ def encode_text_v2(text_encoder: nn.Module, prompts: Prompts, negative_prompts: 
         elif len(negatives) != len(prompts):
             raise ValueError(f"encode_text_v2: {len(negatives)} negative prompts for {len(prompts)} prompts; "
                              "give one for all or one per prompt")
-    cond, _ = text_encoder.encode_prompts(prompts, weights=weights, long_prompts=long_prompts)
-    uncond, _ = text_encoder.encode_prompts(negatives, weights=weights, long_prompts=long_prompts)
-    cond, uncond = _match_lengths(cond.float().cpu(), uncond.float().cpu())
+    cond, _ = text_encoder.encode_prompts(prompts, weights=weights, long_prompts=long_prompts, embeddings=embeddings)
+    uncond, _ = text_encoder.encode_prompts(negatives, weights=weights, long_prompts=long_prompts,
+                                            embeddings=embeddings)
+    cond, uncond = match_lengths(cond.float().cpu(), uncond.float().cpu())
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
     return V2Text(cond.repeat_interleave(num_images_per_prompt, dim=0),
                   uncond.repeat_interleave(num_images_per_prompt, dim=0))
 
 
-def _match_lengths(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def match_lengths(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Guidance batches both sides: repeat the shorter sequence's 77-token windows (long prompts)."""
     n = max(a.shape[1], b.shape[1])
 
@@ -194,6 +215,12 @@ class PriorSettings:
     steps: Optional[int] = None
     timesteps: Optional[Sequence[float]] = None
 
+    def __post_init__(self):
+        """Settings that cannot run are refused here, before any work (a RequestError naming them)."""
+        if self.steps is not None:
+            limits.check_steps(self.steps, "prior steps", official=len(default_prior_timesteps()) - 1)
+        limits.check_number(self.cfg, "prior cfg", minimum=0, official=4.0)
+
     def grid(self) -> torch.Tensor:
         if self.timesteps is not None:
             return check_timesteps(self.timesteps)
@@ -207,8 +234,18 @@ class DecoderSettings:
     steps: int = DEFAULT_DECODER_STEPS
     cfg: float = 0.0
 
+    def __post_init__(self):
+        limits.check_steps(self.steps, "decoder steps", official=DEFAULT_DECODER_STEPS)
+        limits.check_number(self.cfg, "decoder cfg", minimum=0, official=0.0, hint="guidance needs more than 1")
+
     def grid(self) -> torch.Tensor:
         return uniform_timesteps(self.steps)
+
+
+def prior_steps(settings: PriorSettings, denoise: float = 1.0) -> int:
+    """How many steps :func:`sample_prior_v2` runs (img2img, ``denoise`` < 1: the grid below it)."""
+    grid = settings.grid()
+    return grid.numel() - 1 if denoise >= 1.0 else int((grid < denoise).sum())
 
 
 def _device(model: nn.Module) -> torch.device:

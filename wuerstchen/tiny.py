@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .checkpoints import CONFIG_METADATA_KEY, build_module
-from .kinds import BUNDLES, KINDS
+from .kinds import BUNDLES, KINDS, STABLE_CASCADE
 from .weights_io import save_safetensors
 
 TEXT = dict(vocab_size=49408, hidden_size=24, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
@@ -55,6 +55,18 @@ CONTROLNETS = {
     "super_resolution": dict(c_in=16, c_proj=32, proj_blocks=_PROJ, bottleneck_mode="large", large_hidden=[16, 16],
                              embd_channels=16),
 }
+
+# Würstchen v2. The original .pt files carry no metadata, so these tiny sizes keep the released rule
+# for what shapes cannot show (heads = width / 64, at least 1; dropout 0.1).
+V2_PRIOR_TEXT = dict(vocab_size=49408, hidden_size=24, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu")
+V2_DECODER_TEXT = dict(V2_PRIOR_TEXT, hidden_size=16, intermediate_size=32, num_attention_heads=2)
+V2_PRIOR = dict(c_in=16, c=32, c_cond=V2_PRIOR_TEXT["hidden_size"], c_r=64, depth=2, nhead=1, dropout=0.1)
+V2_DECODER = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=16, c_hidden=[8, 16, 24, 24], nhead=[-1, 1, 1, 1],
+                  blocks=[1, 1, 1, 1], level_config=["CT", "CTA", "CTA", "CTA"],
+                  inject_effnet=[False, True, True, True], effnet_embd=16, clip_embd=V2_DECODER_TEXT["hidden_size"],
+                  kernel_size=3, dropout=0.1)
+V2_EFFNET = dict(EFFNET, family="v2")
 
 LORA_FORMATS = ("official", "kohya", "onetrainer", "diffusers")
 # The workflow lora.json loads this name.
@@ -153,6 +165,8 @@ TINY_CONFIGS = {
     ("stage_a", "official"): STAGE_A, ("effnet", "official"): EFFNET, ("previewer", "official"): PREVIEWER,
     ("clip_text", "bigG"): TEXT, ("clip_vision", "ViT-L-14"): VISION,
     **{("controlnet", name): cfg for name, cfg in CONTROLNETS.items()},
+    ("v2_prior", "official"): V2_PRIOR, ("v2_decoder", "official"): V2_DECODER, ("v2_effnet", "official"): V2_EFFNET,
+    ("v2_prior_text", "bigG"): V2_PRIOR_TEXT, ("v2_decoder_text", "ViT-H-14"): V2_DECODER_TEXT,
 }
 
 
@@ -163,38 +177,72 @@ def tiny_state(kind: str, variant: str, seed: int) -> Dict[str, torch.Tensor]:
         return text_encoder_state(seed)
     if kind == "clip_vision":
         return vision_encoder_state(seed)
+    if kind in ("v2_prior_text", "v2_decoder_text"):  # CLIPTextModel: no projection
+        return _hf_clip_state("text_model.", config, seed, vision=False)
     return _random_module_state(kind, config, seed)
 
 
-def write_tiny_models(root, seed: int = 0) -> List[Path]:
-    """Write the whole tiny release under ``root`` (every official file name, and ComfyUI's
-    single-file checkpoints); returns the written paths."""
+def _save_pickled(tensors_by_container: Dict[str, Dict[str, torch.Tensor]], path: Path) -> None:
+    """An original-style ``.pt`` file: a dict of plain tensor dicts (what ``torch.load(weights_only=True)`` reads)."""
+    torch.save({name: dict(state) for name, state in tensors_by_container.items()}, str(path))
+
+
+def write_tiny_models(root, seed: int = 0, families: Optional[Sequence[str]] = None) -> List[Path]:
+    """Write the whole tiny release under ``root`` (every official file name in its layout and key
+    spelling, ComfyUI's single-file checkpoints, and the original Würstchen v2 ``.pt`` files as dicts
+    of tensor dicts); returns the written paths. ``families``: only those families' files (and LoRAs
+    only with Stable Cascade's)."""
     root = Path(root)
     written: List[Path] = []
+    bundle_names = {b.name for b in BUNDLES}
 
-    def save(rel: str, state, metadata=None):
+    def target(rel: str) -> Path:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors(state, path, metadata=metadata)
         written.append(path)
+        return path
+
+    def save(rel: str, state, metadata=None):
+        save_safetensors(state, target(rel), metadata=metadata)
 
     states: Dict[tuple, Dict[str, torch.Tensor]] = {}
+
+    def state_of(kind_name: str, variant: str) -> Dict[str, torch.Tensor]:
+        if (kind_name, variant) not in states:
+            states[(kind_name, variant)] = tiny_state(kind_name, variant, seed + len(states))
+        return states[(kind_name, variant)]
+
+    def wanted(family: str) -> bool:
+        return families is None or family in families
+
     for kind in KINDS.values():
         for file in kind.files:
-            key = (kind.name, file.variant)
-            if key not in states:
-                states[key] = tiny_state(kind.name, file.variant, seed + len(states))
-            save(file.name, _cast(states[key], file.dtype), _meta(**{kind.name: TINY_CONFIGS[key]}))
+            if file.name in bundle_names or not wanted(kind.family_of(file)):
+                continue
+            state = _cast(state_of(kind.name, file.variant), file.dtype)
+            if file.spelling:
+                state = kind.spellings[file.spelling](state)
+            if file.container:
+                _save_pickled({file.container: state}, target(file.name))
+            else:
+                save(file.name, state, _meta(**{kind.name: TINY_CONFIGS[(kind.name, file.variant)]}))
 
     for bundle in BUNDLES:
-        state, hints = {}, {}
+        if not wanted(KINDS[next(iter(bundle.parts))].family):
+            continue
+        parts, hints = {}, {}
         for kind_name, prefix in bundle.parts.items():
             variant = KINDS[kind_name].files[0].variant
-            state.update(_prefixed(states[(kind_name, variant)], prefix))
+            parts[prefix] = _cast(state_of(kind_name, variant), bundle.dtype)
             hints[kind_name] = TINY_CONFIGS[(kind_name, variant)]
-        save(bundle.name, _cast(state, bundle.dtype), _meta(**hints))
+        if bundle.name.endswith(".pt"):  # each part under its container key
+            _save_pickled({prefix.rstrip("."): state for prefix, state in parts.items()}, target(bundle.name))
+        else:
+            state = {k: v for prefix, part in parts.items() for k, v in _prefixed(part, prefix).items()}
+            save(bundle.name, state, _meta(**hints))
 
-    written.extend(write_tiny_loras(root, seed=seed + 40))
+    if wanted(STABLE_CASCADE):
+        written.extend(write_tiny_loras(root, seed=seed + 40))
     return written
 
 

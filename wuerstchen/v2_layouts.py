@@ -199,3 +199,76 @@ def detect_v2(shapes: Shapes) -> Optional[tuple[str, dict]]:
         if config is not None:
             return kind, config
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout functions for the kinds table: ``fn(shapes, hint) -> (variant, config)``
+
+
+def _with_hint(config: dict, official: dict, hint: Optional[Mapping], free: Sequence[str]) -> tuple[str, dict]:
+    """The official config when the shapes give it; else the shapes' config, with the values that
+    shapes cannot show (``free``) taken from a metadata hint that agrees with everything else."""
+    if config == official:
+        return "official", dict(official)
+    if hint and all(hint.get(k) == v for k, v in config.items() if k not in free):
+        config = {**config, **{k: hint[k] for k in free if k in hint}}
+    return "custom", config
+
+
+def prior_layout(shapes: Shapes, hint: Optional[Mapping] = None) -> tuple[str, dict]:
+    from .configs import V2_PRIOR
+    from .layouts import LayoutError
+
+    config = detect_v2_prior(shapes)
+    if config is None:
+        raise LayoutError("a Würstchen v2 prior whose block list (ResBlock, TimestepBlock, AttnBlock) cannot be read")
+    return _with_hint(config, V2_PRIOR, hint, ("nhead", "dropout"))
+
+
+def decoder_layout(shapes: Shapes, hint: Optional[Mapping] = None) -> tuple[str, dict]:
+    from .configs import V2_DECODER
+    from .layouts import LayoutError
+
+    config = detect_v2_decoder(shapes)
+    if config is None:
+        raise LayoutError("a Würstchen v2 decoder whose levels cannot be read")
+    return _with_hint(config, V2_DECODER, hint, ("nhead", "dropout"))
+
+
+def effnet_layout(shapes: Shapes, hint: Optional[Mapping] = None) -> tuple[str, dict]:
+    """The v2 semantic compressor: Stable Cascade's backbone reading, plus ``family="v2"``."""
+    from .configs import V2_EFFNET
+    from .layouts import effnet
+
+    _variant, config = effnet(shapes, hint)
+    config = {**config, "family": "v2"}
+    return ("official" if config == V2_EFFNET else "custom"), config
+
+
+TEXT_WIDTHS = {"prior": 1280, "decoder": 1024}
+"""Widths of the released v2 text towers: bigG for the prior, ViT-H-14 for the decoder."""
+_TEXT_VARIANTS = {"prior": "bigG", "decoder": "ViT-H-14"}
+
+
+def text_layout(shapes: Shapes, hint: Optional[Mapping] = None) -> tuple[str, dict]:
+    """``CLIPTextEncoder`` kwargs of a projection-free v2 text tower (heads from a hint, else width / 64)."""
+    from .layouts import LayoutError
+
+    config = detect_v2_text(shapes, (hint or {}).get("num_attention_heads"))
+    if config is None:
+        raise LayoutError("a CLIP text tower in the Hugging Face layout was expected")
+    role = config.pop("role")
+    return _TEXT_VARIANTS.get(role, "custom"), config
+
+
+def text_role_fits(role: str, shapes: Shapes, named_roles: Sequence[str] = ()) -> bool:
+    """Whether a projection-free tower can be the ``role`` ("prior" or "decoder") tower: by its
+    released width, else by the file's metadata (``named_roles``); a custom tower that no metadata
+    names fits either role."""
+    config = detect_v2_text(shapes)
+    if config is None:
+        return False
+    width = config["width"]
+    if width in TEXT_WIDTHS.values():
+        return width == TEXT_WIDTHS[role]
+    return not named_roles or role in named_roles

@@ -377,9 +377,7 @@ def _load_pickled(path: Path) -> Dict[str, torch.Tensor]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _error(path, f"cannot be read safely as a PyTorch checkpoint ({first}). Only plain tensor "
                            "checkpoints are accepted; prefer the .safetensors release") from None
-    for container in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(container), dict) and not _is_tensor_dict(obj):
-            obj = obj[container]
+    obj = _open_containers(obj)
     if not isinstance(obj, dict):
         raise _error(path, "the checkpoint does not hold a dictionary of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -390,6 +388,34 @@ def _load_pickled(path: Path) -> Dict[str, torch.Tensor]:
 
 def _is_tensor_dict(obj) -> bool:
     return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _open_containers(obj, depth: int = 0):
+    """A checkpoint dict that wraps its weights (``{"state_dict": {...}, "iter": ...}``) -> the weights.
+
+    One wrapped dict of tensors is opened (repeatedly: ``{"state_dict": {"model": {...}}}``). Several,
+    as in the original Würstchen v2 files (``model_v2_stage_b.pt`` holds the decoder under
+    ``state_dict`` and its EfficientNet under ``effnet_state_dict``; training files keep
+    ``ema_state_dict`` beside ``state_dict``), are all kept, each under its key as a prefix
+    (``effnet_state_dict.mapper.0.weight``), so detection finds every network in the file.
+    """
+    if not isinstance(obj, dict) or _is_tensor_dict(obj) or depth > 4:
+        return obj
+    inner = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, dict) and _holds_tensors(v)}
+    if len(inner) == 1:
+        return _open_containers(next(iter(inner.values())), depth + 1)
+    out = {}
+    for name, value in inner.items():
+        opened = _open_containers(value, depth + 1)
+        out.update({f"{name}.{k}": t for k, t in opened.items() if isinstance(t, torch.Tensor)})
+    return out or obj
+
+
+def _holds_tensors(obj, depth: int = 0) -> bool:
+    if _is_tensor_dict(obj):
+        return True
+    return depth < 4 and isinstance(obj, dict) and any(_holds_tensors(v, depth + 1) for v in obj.values()
+                                                       if isinstance(v, dict))
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: os.PathLike | str, metadata=None) -> None:

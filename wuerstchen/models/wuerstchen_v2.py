@@ -105,6 +105,15 @@ class _V2Net(CascadeUNet):
         super().__init__()
         self.register_load_state_dict_pre_hook(_fuse_hook)
 
+    def _levels(self):
+        return [self.blocks] if hasattr(self, "blocks") else list(self.down_blocks) + list(self.up_blocks)
+
+    def block_schedule(self):
+        """The ResBlocks, TimestepBlocks and AttnBlocks in the order one forward calls them, each
+        once: what weight streaming (:mod:`wuerstchen.streaming`) may move to the device one by one.
+        The decoder's level changes run without a module call, so they stay with the trunk."""
+        return [b for level in self._levels() for b in level if isinstance(b, (ResBlock, TimestepBlock, AttnBlock))]
+
     def _run(self, blocks, x, r_embed, clip, ws):
         """Run blocks on the channels-last stream (ResBlocks without extra inputs)."""
         for block in blocks:
