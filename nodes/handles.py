@@ -33,8 +33,8 @@ class ModelHandle:
     def module(self):
         return self.model.module
 
-    def with_lora(self, lora, strength_model: float, strength_clip: float) -> "ModelHandle":
-        return ModelHandle(self.model, self.loras + (LoraUse(lora, float(strength_model), float(strength_clip)),))
+    def with_lora(self, use: LoraUse) -> "ModelHandle":
+        return ModelHandle(self.model, self.loras + (use,))
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,12 @@ never alters the cache."""
 
 from __future__ import annotations
 
-import logging
-import math
-
 from wuerstchen import lora as lora_lib
-from wuerstchen.weights_io import WeightFileError
+from wuerstchen.pipeline import LoraUse
 
+from . import comfy_types as T
 from . import handles as H
-from .host import NodeError, resolve_model, list_models
+from .host import list_models, resolve_model
 from .loaders import require
 
 CATEGORY = "wuerstchen/loaders"
@@ -45,27 +43,9 @@ class WuerstchenLoraLoader:
     def load(self, stage_c, lora_name, strength_model, strength_clip, clip=None):
         node = "WuerstchenLoraLoader"
         sc = require(stage_c, "stage_c", node, "stage_c")
-        for name, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
-            if not math.isfinite(float(value)):
-                raise NodeError(f"{node}: {name} is {value}; set a finite number such as 1.0")
+        text = require(clip, "clip_text", node, "clip") if clip is not None else None
         path = resolve_model("lora", lora_name)
-        try:
-            lf = lora_lib.load_lora(path)
-            matches = []
-            if lf.stage_c or lf.stage_c_indexed:
-                matches.append(lora_lib.check_lora(sc.module, lf, "stage_c"))
-            if clip is not None and (lf.text or lf.embeddings):
-                matches.append(lora_lib.check_lora(require(clip, "clip_text", node, "clip").module, lf, "text"))
-        except (lora_lib.LoraError, WeightFileError) as exc:
-            raise NodeError(f"{node}: {exc}") from None
-        if not (lf.stage_c or lf.stage_c_indexed) and not (lf.text or lf.embeddings):
-            raise NodeError(f"{node}: {lora_name} holds no Stage C or CLIP-G weights ({lf.summary()})")
-        summary = lora_lib.describe_match(lf, matches)
-        complete = not lf.unused and all(m.matched == m.total for m in matches)
-        if clip is None and (lf.text or lf.embeddings):
-            summary, complete = summary + "; its text-encoder part needs the clip input", False
-        logging.getLogger("wuerstchen.lora").log(logging.INFO if complete else logging.WARNING,
-                                                 "%s: %s", node, summary)
-        new_c = sc.with_lora(lf, strength_model, strength_clip)
-        new_clip = clip.with_lora(lf, strength_model, strength_clip) if clip is not None else None
-        return (new_c, new_clip)
+        with T.node_errors(node):
+            use = LoraUse(lora_lib.load_lora(path), strength_model, strength_clip)
+            use.check(sc.module, text.module if text is not None else None, who=node)
+        return (sc.with_lora(use), text.with_lora(use) if text is not None else None)

@@ -205,3 +205,29 @@ def test_a_missing_controlnet_is_named_before_any_sampling(tiny_dir, pictures, t
     err = capsys.readouterr().err
     assert rc == 2 and not sampled
     assert "no canny ControlNet" in err and "controlnet/canny.safetensors" in err
+
+
+def test_the_cli_says_what_a_lora_applies_and_refuses_one_for_another_model(tiny_dir, tmp_path, caplog, capsys,
+                                                                            monkeypatch):
+    """Library and CLI report a LoRA like the node does; a LoRA that fits nothing stops before sampling."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    from wuerstchen.tiny import STAGE_C, write_tiny_lora
+
+    partial = write_tiny_lora(None, "kohya", STAGE_C, seed=4)
+    partial["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(2, 8)
+    partial["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(8, 2)
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with caplog.at_level(logging.INFO, logger="wuerstchen.lora"):
+        assert generate(tiny_dir, tmp_path, "--lora", str(tmp_path / "partial.safetensors")) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generate: partial.safetensors")]
+    assert len(lines) == 1 and "applied" in lines[0] and "keys not for this model" in lines[0]
+
+    wider = write_tiny_lora(None, "official", dict(STAGE_C, c_hidden=[48, 48], c_cond=48), seed=1)
+    save_file(wider, str(tmp_path / "wider.safetensors"))
+    sampled = []
+    monkeypatch.setattr(StageC, "forward", lambda *a, **k: sampled.append(1))
+    assert generate(tiny_dir, tmp_path, "--lora", str(tmp_path / "wider.safetensors")) != 0
+    assert "wider.safetensors" in capsys.readouterr().err and not sampled

@@ -76,8 +76,8 @@ def test_loras_whose_tokens_cannot_be_registered_are_refused(nodes_env, name, me
     assert clip.module.tokenizer.added_tokens == {}
 
 
-@pytest.mark.parametrize("field", ["strength_model", "strength_clip"])
-def test_non_finite_strengths_are_refused(nodes_env, field):
+@pytest.mark.parametrize("field, named", [("strength_model", "model strength"), ("strength_clip", "text strength")])
+def test_non_finite_strengths_are_refused(nodes_env, field, named):
     stage_c, clip = nodes_env
-    with pytest.raises(NodeError, match=f"{field} is nan"):
+    with pytest.raises(NodeError, match=f"WuerstchenLoraLoader: .*{named} must be a finite number, got nan"):
         load_lora(stage_c, clip, "wuerstchen_tiny_lora.safetensors", **{field: math.nan})

@@ -299,6 +299,8 @@ class Cascade:
         image = self.check_request(width=width, height=height, batch=batch, stage_c=stage_c, stage_b=stage_b,
                                    image=image, image_mode=image_mode, compression=compression, controls=controls)
         hints = self.control_hints(controls)
+        for use in loras:  # refuse a LoRA for another model, and say what applies, before any sampling
+            use.check(self.model("stage_c").module, self.model("clip_text").module, who="generate")
 
         cond = self.encode_prompts([prompt], loras)
         uncond = self.encode_prompts([negative], loras)

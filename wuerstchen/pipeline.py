@@ -15,6 +15,7 @@ their range.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass, fields
@@ -123,11 +124,43 @@ class LoraUse:
     model_strength: float = 1.0
     text_strength: float = 1.0
 
+    def __post_init__(self):
+        name = getattr(self.file, "name", "LoRA")
+        object.__setattr__(self, "model_strength",
+                           limits.check_number(self.model_strength, f"{name}: model strength"))
+        object.__setattr__(self, "text_strength", limits.check_number(self.text_strength, f"{name}: text strength"))
+
     @classmethod
     def load(cls, path: Union[str, os.PathLike], model_strength: float = 1.0, text_strength: float = 1.0) -> "LoraUse":
         from .lora import load_lora
 
-        return cls(load_lora(path), float(model_strength), float(text_strength))
+        return cls(load_lora(path), model_strength, text_strength)
+
+    def check(self, stage_c: nn.Module, text_encoder: Optional[nn.Module] = None, who: str = "") -> str:
+        """Check the LoRA against the models it will patch, before anything runs, and say what applies.
+
+        Raises :class:`~wuerstchen.lora.LoraError` when nothing of it fits (a LoRA for another model).
+        Otherwise logs (``wuerstchen.lora``) and returns one line such as "x.safetensors: applied 704 of
+        711 modules; 7 keys not for this model, e.g. …": at INFO level when all of it applies, at
+        WARNING when a part is left out (including a text part without a text encoder to take it).
+        """
+        from .lora import LoraError, check_lora, describe_match
+
+        lora = self.file
+        if not _has_part(lora, "stage_c") and not _has_part(lora, "text"):
+            raise LoraError(f"{lora.name} holds no Stage C or CLIP-G weights ({lora.summary()})")
+        matches = []
+        if _has_part(lora, "stage_c"):
+            matches.append(check_lora(stage_c, lora, "stage_c"))
+        if text_encoder is not None and _has_part(lora, "text"):
+            matches.append(check_lora(text_encoder, lora, "text"))
+        summary = describe_match(lora, matches)
+        complete = not lora.unused and all(m.matched == m.total for m in matches)
+        if text_encoder is None and _has_part(lora, "text"):
+            summary, complete = summary + "; its text-encoder part needs the text encoder (clip input)", False
+        message = f"{who}: {summary}" if who else summary
+        logging.getLogger("wuerstchen.lora").log(logging.INFO if complete else logging.WARNING, "%s", message)
+        return summary
 
 
 def _has_part(lora, part: str) -> bool:
