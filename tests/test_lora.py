@@ -1,11 +1,12 @@
 """Stage C LoRAs: every file format lands on the right weights, patches are exact and undoable,
 and LoRAs for other models are refused with a message that says what they are."""
 
-import copy
 
 import pytest
 import torch
-from conftest import load_manifest, load_parity
+from conftest import load_manifest
+from lora_helpers import (TEXT_CONFIG, assert_same, parity_stage_c, snapshot, stage_c,  # noqa: F401 (fixtures)
+                          parity_text_encoder, text_encoder)
 
 from wuerstchen.lora import (
     FORMATS,
@@ -18,41 +19,6 @@ from wuerstchen.lora import (
 )
 from wuerstchen.models.stage_c import StageC
 from wuerstchen.tiny import write_tiny_lora
-
-TEXT_CONFIG = dict(hidden_size=24, intermediate_size=64, num_hidden_layers=3, projection_dim=24, vocab_size=49408)
-
-
-@pytest.fixture(scope="module")
-def parity_stage_c():
-    meta, weights, _ = load_parity("stage_c")
-    model = StageC(**meta["config"])
-    model.load_state_dict(weights, strict=True)
-    return model.eval(), meta["config"]
-
-
-@pytest.fixture()
-def stage_c(parity_stage_c):
-    """A fresh copy per test, so a test that breaks unpatching cannot poison the next one."""
-    return copy.deepcopy(parity_stage_c[0])
-
-
-@pytest.fixture(scope="module")
-def text_encoder():
-    from wuerstchen.text import CLIPTextEncoder
-
-    _, weights, _ = load_parity("clip_text")
-    return CLIPTextEncoder.from_state_dict(weights, heads=4)
-
-
-def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def assert_same(model, before, except_names=()):
-    for name, p in model.named_parameters():
-        if name not in except_names:
-            assert torch.equal(p.detach(), before[name]), name
-
 
 def expected_lowrank(base, up, down, coef, rows=None, broadcast=False):
     """Independent reference: base + coef * (up @ down), in float32, cast back."""

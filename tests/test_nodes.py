@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from node_helpers import load, run
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
 from nodes.host import NodeError
 from wuerstchen import lora as lora_lib
@@ -36,21 +37,9 @@ def models(tmp_path_factory):
         "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
     }, str(loras / "sdxl_kohya.safetensors"))
     tiny.write_tiny_lora(loras / "stage_c_width_48.safetensors", "official",
-                             dict(tiny.STAGE_C, c_hidden=[48, 48], c_cond=48), rank=2)
+                         dict(tiny.STAGE_C, c_hidden=[48, 48], c_cond=48), rank=2)
     host.configure(root, manager=ModelManager())
     return root
-
-
-def run(node_type, **kwargs):
-    cls = NODE_CLASS_MAPPINGS[node_type]
-    out = getattr(cls(), cls.FUNCTION)(**kwargs)
-    assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES), node_type
-    return out
-
-
-def load(node_type, name, **kwargs):
-    key = "ckpt_name" if node_type == "WuerstchenCheckpointLoader" else "model_name"
-    return run(node_type, **{key: name}, **kwargs)[0]
 
 
 def sample_c(stage_c, positive, negative, latent, seed=1, **extra):

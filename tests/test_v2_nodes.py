@@ -8,6 +8,7 @@ pipeline in test_v2_pipeline) run on the same modules, so a wrong tower, scale o
 import pytest
 import torch
 
+from node_helpers import load, run
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes.host import NodeError
 from wuerstchen import pipeline, tiny
@@ -29,18 +30,6 @@ def models(tmp_path_factory):
     tiny.write_tiny_models(root / "wuerstchen")
     host.configure(root, manager=ModelManager())
     return root
-
-
-def run(node_type, **kwargs):
-    cls = NODE_CLASS_MAPPINGS[node_type]
-    out = getattr(cls(), cls.FUNCTION)(**kwargs)
-    assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES), node_type
-    return out
-
-
-def load(node_type, name, **kwargs):
-    key = "ckpt_name" if node_type == "WuerstchenCheckpointLoader" else "model_name"
-    return run(node_type, **{key: name}, **kwargs)[0]
 
 
 def encode(clip, text):

@@ -174,20 +174,28 @@ _PUT_THEM_ANYWHERE = ("Put the files anywhere under {root} (sub-folders are fine
                       "contents, not their names. ComfyUI users can point --models at ComfyUI/models.")
 
 
-class Cascade:
-    """Stage C -> Stage B -> Stage A from a folder of weights, with offloading between stages."""
+class FolderCascade:
+    """What a cascade of either family needs from a folder: its files, the manager that loads them,
+    and where ``embedding:NAME`` in a prompt is looked up."""
+
+    family = kind_table.STABLE_CASCADE
 
     def __init__(self, files: CascadeFiles, manager: Optional[ModelManager] = None, root: str = ".",
                  embeddings=None):
         self.files = files
         self.manager = manager or ModelManager()
         self.root = root
-        self.embeddings = embeddings  # where ``embedding:NAME`` in a prompt is looked up
+        self.embeddings = embeddings
 
     def model(self, kind: str) -> LoadedModel:
-        self.files.require([kind], self.root)
-        path, det = self.files.parts[kind]
+        """The network of ``kind`` the folder holds, loaded (once) by the manager."""
+        self.files.require([kind], self.root, self.family)
+        path, _det = self.files.parts[kind]
         return self.manager.load(path, [kind])
+
+
+class Cascade(FolderCascade):
+    """Stage C -> Stage B -> Stage A from a folder of weights, with offloading between stages."""
 
     def controlnet_file(self, kind: str) -> Path:
         """The ControlNet file for ``kind`` (canny, inpainting, super_resolution), found by content."""

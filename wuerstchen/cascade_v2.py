@@ -15,9 +15,7 @@ import torch
 from . import kinds as kind_table
 from . import limits
 from . import pipeline_v2 as v2
-from .cascade import CascadeFiles
-from .checkpoints import LoadedModel
-from .management import ModelManager
+from .cascade import FolderCascade
 from .models.effnet import v2_effnet_to_raw
 from .pipeline import cpu_generator
 
@@ -25,20 +23,10 @@ FAMILY = kind_table.WUERSTCHEN_V2
 Prompts = Union[str, Sequence[str]]
 
 
-class CascadeV2:
+class CascadeV2(FolderCascade):
     """Würstchen v2 text-to-image (and img2img from the v2 EfficientNet) from a folder of weights."""
 
-    def __init__(self, files: CascadeFiles, manager: Optional[ModelManager] = None, root: str = ".",
-                 embeddings=None):
-        self.files = files
-        self.manager = manager or ModelManager()
-        self.root = root
-        self.embeddings = embeddings  # where ``embedding:NAME`` in a prompt is looked up
-
-    def model(self, kind: str) -> LoadedModel:
-        self.files.require([kind], self.root, FAMILY)
-        path, _det = self.files.parts[kind]
-        return self.manager.load(path, [kind])
+    family = FAMILY
 
     def encode_text(self, kind: str, prompts: Prompts, negative: Optional[Prompts] = None,
                     num_images_per_prompt: int = 1) -> v2.V2Text:
