@@ -8,7 +8,6 @@ import torch
 
 from wuerstchen import kinds, limits, pipeline
 from wuerstchen import pipeline_v2 as v2
-from wuerstchen.models.effnet import v2_effnet_to_raw
 from wuerstchen.sampling import SAMPLERS
 
 from . import comfy_types as T
@@ -31,12 +30,6 @@ def _v2_sampler(sampler: str, node: str) -> None:
     if sampler != "ddpm":
         raise NodeError(f"{node}: Würstchen v2 samples with its own DDPM scheduler only; set sampler to ddpm "
                         f"(got {sampler})")
-
-
-def _batched(t: torch.Tensor, batch: int, node: str, socket: str) -> torch.Tensor:
-    if t.shape[0] in (1, batch):
-        return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
-    raise NodeError(f"{node}: '{socket}' holds {t.shape[0]} prompts for a batch of {batch}; use one prompt or one per image")
 
 
 def stage_c_previewer(previewer: Optional[H.ModelHandle]):
@@ -123,26 +116,15 @@ class WuerstchenStageCSampler:
             raise NodeError(f"{node}: LoRAs are a Stable Cascade feature; the Würstchen v2 prior takes none")
         _v2_sampler(sampler, node)
         samples = T.stage_c_in(latent, prior.model.config["c_in"], node, "latent", kinds.WUERSTCHEN_V2)
+        cond = T.v2_conditioning_in(positive, "v2_prior_text", node, "positive")
+        uncond = T.v2_conditioning_in(negative, "v2_prior_text", node, "negative")
         with T.node_errors(node):
-            v2.check_prior_latent_v2(*samples.shape[-2:], where=f"{node}: 'latent'")
-            settings = v2.PriorSettings(cfg=cfg, steps=steps or None)
-        batch = samples.shape[0]
-        text = v2.V2Text(_batched(T.v2_conditioning_in(positive, "v2_prior_text", node, "positive"), batch, node,
-                                  "positive"),
-                         _batched(T.v2_conditioning_in(negative, "v2_prior_text", node, "negative"), batch, node,
-                                  "negative"))
-        text = v2.V2Text(*v2.match_lengths(text.cond, text.uncond))
-        img2img = denoise < 1.0
-        progress = Progress(v2.prior_steps(settings, denoise if img2img else 1.0))
-        with T.node_errors(node), manager().running(prior.model), torch.no_grad():
-            x = v2.sample_prior_v2(prior.module, text, latent_size=tuple(samples.shape[-2:]),
-                                   generator=pipeline.cpu_generator(seed), settings=settings,
-                                   init_latent=samples if img2img else None, denoise=denoise,
-                                   callback=lambda i, n, _x: progress(i, n))
+            progress = Progress(v2.prior_run_steps(steps, denoise))
+            with manager().running(prior.model), torch.no_grad():
+                x = v2.prior_for_latent(prior.module, cond, uncond, samples, seed=seed, steps=steps, cfg=cfg,
+                                        denoise=denoise, callback=lambda i, n, _x: progress(i, n))
         size, compression = T.stage_c_size(latent)
         return (T.stage_c_out(x, size, compression, kinds.WUERSTCHEN_V2),)
-
-
 
 
 class WuerstchenStageBSampler:
@@ -203,23 +185,10 @@ class WuerstchenStageBSampler:
         node = "WuerstchenStageBSampler"
         _v2_sampler(sampler, node)
         latent = T.stage_c_in(stage_c, decoder.model.config["effnet_embd"], node, "stage_c", kinds.WUERSTCHEN_V2)
-        e_h, e_w = latent.shape[-2:]
-        d_h, d_w = v2.decoder_latent_size(e_h, e_w)
-        made = (d_h * pipeline.STAGE_B_COMPRESSION, d_w * pipeline.STAGE_B_COMPRESSION)
-        if (width or height) and (height or made[0], width or made[1]) != made:
-            raise NodeError(f"{node}: Würstchen v2's output size follows the prior latent ({e_w}x{e_h} makes "
-                            f"{made[1]}x{made[0]}); set width and height to 0 (or to {made[1]} and {made[0]})")
-        batch = latent.shape[0]
-        text = v2.V2Text(_batched(T.v2_conditioning_in(positive, "v2_decoder_text", node, "positive"), batch, node,
-                                  "positive"),
-                         _batched(T.v2_conditioning_in(negative, "v2_decoder_text", node, "negative"), batch, node,
-                                  "negative"))
-        text = v2.V2Text(*v2.match_lengths(text.cond, text.uncond))
-        with T.node_errors(node):
-            settings = v2.DecoderSettings(steps=steps, cfg=cfg)
+        cond = T.v2_conditioning_in(positive, "v2_decoder_text", node, "positive")
+        uncond = T.v2_conditioning_in(negative, "v2_decoder_text", node, "negative")
         progress = Progress(steps)
         with T.node_errors(node), manager().running(decoder.model), torch.no_grad():
-            x = v2.sample_decoder_v2(decoder.module, v2_effnet_to_raw(latent.float()), text,
-                                     generator=pipeline.cpu_generator(seed), settings=settings,
-                                     callback=lambda i, n, _x: progress(i, n))
+            x = v2.decoder_for_prior(decoder.module, cond, uncond, latent, seed=seed, steps=steps, cfg=cfg,
+                                     size=(height, width), callback=lambda i, n, _x: progress(i, n))
         return (T.v2_decoder_out(x),)

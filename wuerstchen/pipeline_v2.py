@@ -307,6 +307,48 @@ def sample_decoder_v2(decoder: nn.Module, image_embeddings: torch.Tensor, text: 
     return x.float().cpu()
 
 
+def prior_for_latent(prior: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, latent: torch.Tensor, *,
+                     seed: int, steps: int = 0, cfg: float = 4.0, denoise: float = 1.0,
+                     callback: Optional[ProgressFn] = None) -> torch.Tensor:
+    """The prior sampled for a given latent, as a graph asks for it: ``latent`` sets the size and batch
+    (an empty latent), or with ``denoise`` < 1 is the img2img start (an encoded image). ``cond`` /
+    ``uncond`` are prior text encodings (one prompt for the batch, or one per image); ``steps`` 0 is
+    the hub's 29-step grid, another number that many uniform steps. Checked before any work."""
+    check_prior_latent_v2(*latent.shape[-2:], where="latent")
+    settings = PriorSettings(cfg=cfg, steps=steps or None)
+    batch = latent.shape[0]
+    text = V2Text(*match_lengths(_batch_to(cond, batch, "positive"), _batch_to(uncond, batch, "negative")))
+    img2img = denoise < 1.0
+    return sample_prior_v2(prior, text, latent_size=tuple(latent.shape[-2:]), generator=cpu_generator(seed),
+                           settings=settings, init_latent=latent if img2img else None, denoise=denoise,
+                           callback=callback)
+
+
+def prior_run_steps(steps: int = 0, denoise: float = 1.0) -> int:
+    """How many steps :func:`prior_for_latent` runs with these settings (for progress bars)."""
+    return prior_steps(PriorSettings(steps=steps or None), denoise)
+
+
+def decoder_for_prior(decoder: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, prior_latent: torch.Tensor, *,
+                      seed: int, steps: int = DEFAULT_DECODER_STEPS, cfg: float = 0.0,
+                      size: Tuple[int, int] = (0, 0), callback: Optional[ProgressFn] = None) -> torch.Tensor:
+    """The decoder latent for a prior latent (prior space; mapped by ``×42 − 1`` here) and decoder text
+    encodings. The output size follows the prior latent: ``size`` (height, width) may be 0 or must
+    agree with it. Checked before any work."""
+    e_h, e_w = prior_latent.shape[-2:]
+    d_h, d_w = decoder_latent_size(e_h, e_w)
+    made = (d_h * STAGE_B_COMPRESSION, d_w * STAGE_B_COMPRESSION)
+    height, width = size
+    if (width or height) and (height or made[0], width or made[1]) != made:
+        raise ValueError(f"Würstchen v2's output size follows the prior latent ({e_w}x{e_h} makes "
+                         f"{made[1]}x{made[0]}); set width and height to 0 (or to {made[1]} and {made[0]})")
+    settings = DecoderSettings(steps=steps, cfg=cfg)
+    batch = prior_latent.shape[0]
+    text = V2Text(*match_lengths(_batch_to(cond, batch, "positive"), _batch_to(uncond, batch, "negative")))
+    return sample_decoder_v2(decoder, v2_effnet_to_raw(prior_latent.float()), text,
+                             generator=cpu_generator(seed), settings=settings, callback=callback)
+
+
 # --------------------------------------------------------------------------------------------
 # Pixels
 
