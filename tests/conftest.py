@@ -35,16 +35,42 @@ def manifest_dir() -> Path:
     return _require(MANIFEST_DIR)
 
 
-def load_parity(name: str):
-    """Return (json, weights state dict or None, io tensors) for a parity vector."""
+def _load_vector(folder: Path, name: str):
     from safetensors.torch import load_file
 
-    meta = json.loads(_require(PARITY_DIR / f"{name}.json").read_text())
-    weights_path = PARITY_DIR / f"{name}.weights.safetensors"
+    meta = json.loads(_require(folder / f"{name}.json").read_text())
+    weights_path = folder / f"{name}.weights.safetensors"
     weights = load_file(str(weights_path)) if weights_path.exists() else None
-    io_path = PARITY_DIR / f"{name}.io.safetensors"
+    io_path = folder / f"{name}.io.safetensors"
     io = load_file(str(io_path)) if io_path.exists() else {}
     return meta, weights, io
+
+
+def load_parity(name: str):
+    """Return (json, weights state dict or None, io tensors) for a parity vector."""
+    return _load_vector(PARITY_DIR, name)
+
+
+def call_kwargs(call: dict, io) -> dict:
+    """Keyword arguments of a recorded call: tensors by io key, list arguments with their None entries,
+    other arguments by value."""
+    kwargs = {}
+    for arg in call["args"]:
+        if "list" in arg:
+            kwargs[arg["name"]] = [None if item is None else io[item["key"]] for item in arg["list"]]
+        else:
+            kwargs[arg["name"]] = io[arg["key"]] if "key" in arg else arg["value"]
+    return kwargs
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The whole tiny release (every official file name, both families), written once; read-only."""
+    from wuerstchen.tiny import write_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_release")
+    write_tiny_models(root)
+    return root
 
 
 def load_manifest(name: str) -> dict:
@@ -53,14 +79,7 @@ def load_manifest(name: str) -> dict:
 
 def load_v2(name: str):
     """Return (json, weights state dict or None, io tensors) for a Würstchen v2 vector (``v2/NAME``)."""
-    from safetensors.torch import load_file
-
-    meta = json.loads(_require(V2_DIR / f"{name}.json").read_text())
-    weights_path = V2_DIR / f"{name}.weights.safetensors"
-    weights = load_file(str(weights_path)) if weights_path.exists() else None
-    io_path = V2_DIR / f"{name}.io.safetensors"
-    io = load_file(str(io_path)) if io_path.exists() else {}
-    return meta, weights, io
+    return _load_vector(V2_DIR, name)
 
 
 def recorded_seed(text: str) -> int:

@@ -11,17 +11,9 @@ from wuerstchen import cli
 from wuerstchen.management import ModelManager
 from wuerstchen.models.stage_c import StageC
 from wuerstchen.text import CLIPTextEncoder
-from wuerstchen.tiny import write_tiny_models
 
 OUT_PROJ = "down_blocks.0.2.attention.attn.out_proj.weight"  # a module both tiny LoRAs patch
 TEXT_OUT_PROJ = "text_model.encoder.layers.0.self_attn.out_proj.weight"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    write_tiny_models(root)
-    return root
 
 
 @pytest.fixture(scope="module")

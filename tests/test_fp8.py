@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import load_parity
+from conftest import call_kwargs, load_parity
 from wuerstchen import pipeline, tiny
 from wuerstchen.checkpoints import load as load_file
 from wuerstchen.management import ModelManager
@@ -56,13 +56,7 @@ def _model(cls, name, dtype, compute):
         p.data = p.data.to(dtype if n in low else compute)
     calls = []
     for call in meta["calls"]:
-        kwargs = {}
-        for a in call["args"]:
-            if "list" in a:
-                kwargs[a["name"]] = [None if i is None else io[i["key"]] for i in a["list"]]
-            else:
-                kwargs[a["name"]] = io[a["key"]]
-        calls.append((kwargs, io[call["outputs"][0]["key"]]))
+        calls.append((call_kwargs(call, io), io[call["outputs"][0]["key"]]))
     return model, calls
 
 
@@ -99,13 +93,6 @@ def test_the_watch_sees_a_layer_that_computes_in_fp8():
     with NoFp8Arithmetic() as watch:
         torch.nn.functional.linear(torch.randn(2, 8).to(E4M3), layer.weight)
     assert watch.offending
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_fp8")
-    tiny.write_tiny_models(root)
-    return root
 
 
 def test_loader_stores_matrix_weights_in_fp8_and_the_rest_in_the_compute_dtype(tiny_dir):

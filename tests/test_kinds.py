@@ -9,13 +9,6 @@ from wuerstchen.cascade import CascadeFiles, MissingWeightsError
 from wuerstchen.weights_io import WeightSource
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_release")
-    tiny.write_tiny_models(root)
-    return root
-
-
 def test_every_official_file_is_written_and_detected_as_its_kind(tiny_dir):
     names = [(kind, f) for kind in kinds.KINDS.values() for f in kind.files]
     by_family = {}

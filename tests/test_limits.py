@@ -31,13 +31,6 @@ from wuerstchen.pipeline import StageBSettings, StageCSettings
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    tiny.write_tiny_models(root)
-    return root
-
-
-@pytest.fixture(scope="module")
 def cascade(tiny_dir):
     return Cascade(CascadeFiles.from_dir(tiny_dir), ModelManager(device="cpu"), root=str(tiny_dir))
 

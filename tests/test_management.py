@@ -8,13 +8,6 @@ from wuerstchen.checkpoints import CheckpointError
 from wuerstchen.management import ModelManager, module_bytes
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_release")
-    tiny.write_tiny_models(root)
-    return root
-
-
 def test_one_file_one_dtype_is_one_module_whatever_kinds_are_asked(tiny_dir):
     mgr = ModelManager(cache_budget=None)
     bundle = tiny_dir / "stable_cascade_stage_c.safetensors"

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from conftest import load_manifest, load_parity
+from conftest import call_kwargs, load_manifest, load_parity
 from wuerstchen.models import stage_a as stage_a_module
 from wuerstchen.models.controlnet import ControlNet
 from wuerstchen.models.effnet import (
@@ -32,10 +32,6 @@ def _assert_close(ours, ref, atol, what):
     assert err <= atol, f"{what}: max abs error {err:.3g} > {atol}"
 
 
-def _call_args(call, io):
-    return {a["name"]: (io[a["key"]] if "key" in a else a["value"]) for a in call["args"]}
-
-
 def _check_outputs(call, result, io):
     outputs = call["outputs"]
     if len(outputs) == 1 and outputs[0]["key"].endswith(".out"):
@@ -58,7 +54,7 @@ def test_stage_a_parity_all_calls():
     assert len(meta["calls"]) == 3
     with torch.no_grad():
         for call in meta["calls"]:
-            result = getattr(model, call["method"])(**_call_args(call, io))
+            result = getattr(model, call["method"])(**call_kwargs(call, io))
             _check_outputs(call, result, io)
 
 
@@ -66,21 +62,21 @@ def test_effnet_encoder_parity_with_small_backbone():
     meta, model, io = _loaded(EfficientNetEncoder, "effnet_encoder", backbone_setting=load_parity("effnet_encoder")[0]["backbone_setting"])
     with torch.no_grad():
         for call in meta["calls"]:
-            _check_outputs(call, model(**_call_args(call, io)), io)
+            _check_outputs(call, model(**call_kwargs(call, io)), io)
 
 
 def test_previewer_parity():
     meta, model, io = _loaded(Previewer, "previewer")
     with torch.no_grad():
         for call in meta["calls"]:
-            _check_outputs(call, model(**_call_args(call, io)), io)
+            _check_outputs(call, model(**call_kwargs(call, io)), io)
 
 
 def test_controlnet_parity_list_with_nones():
     meta, model, io = _loaded(ControlNet, "controlnet")
     with torch.no_grad():
         for call in meta["calls"]:
-            result = model(**_call_args(call, io))
+            result = model(**call_kwargs(call, io))
             assert isinstance(result, list)
             assert [r is None for r in result] == [o.get("value", 0) is None for o in call["outputs"]]
             _check_outputs(call, result, io)

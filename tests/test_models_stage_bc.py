@@ -11,21 +11,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import load_manifest, load_parity
+from conftest import call_kwargs, load_manifest, load_parity
 from wuerstchen.models.blocks import AttnBlock, GlobalResponseNorm, ResBlock, TimestepBlock
 from wuerstchen.models.stage_b import StageB
 from wuerstchen.models.stage_c import StageC
-
-
-def _call_kwargs(call, io):
-    """Keyword arguments of a recorded call; list arguments keep their None entries."""
-    kwargs = {}
-    for arg in call["args"]:
-        if "list" in arg:
-            kwargs[arg["name"]] = [None if item is None else io[item["key"]] for item in arg["list"]]
-        else:
-            kwargs[arg["name"]] = io[arg["key"]]
-    return kwargs
 
 
 def _load_model(cls, config, weights):
@@ -57,7 +46,7 @@ def test_parity_vectors(name, cls):
     assert meta["calls"], "parity vector without calls"
     with torch.no_grad():
         for call in meta["calls"]:
-            out = model(**_call_kwargs(call, io))
+            out = model(**call_kwargs(call, io))
             (expected,) = call["outputs"]
             ref = io[expected["key"]]
             assert out.shape == ref.shape and out.dtype == torch.float32
@@ -70,7 +59,7 @@ def test_parity_controlnet_injection():
     _, stage_c_weights, _ = load_parity("stage_c")
     model = _load_model(StageC, meta["config"], stage_c_weights)
     (call,) = meta["calls"]
-    kwargs = _call_kwargs(call, io)
+    kwargs = call_kwargs(call, io)
     assert any(item is None for item in kwargs["cnet"]) and any(item is not None for item in kwargs["cnet"])
     with torch.no_grad():
         out = model(**kwargs)
@@ -115,7 +104,7 @@ def test_meta_model_loads_with_assign(stage_c_vector):
     fresh.load_state_dict(model.state_dict(), strict=True, assign=True)
     call = meta["calls"][1]
     with torch.no_grad():
-        assert torch.equal(fresh.eval()(**_call_kwargs(call, io)), model(**_call_kwargs(call, io)))
+        assert torch.equal(fresh.eval()(**call_kwargs(call, io)), model(**call_kwargs(call, io)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +114,7 @@ def test_meta_model_loads_with_assign(stage_c_vector):
 def test_no_grad_fast_path_matches_autograd_path(stage_c_vector):
     """Under no_grad the blocks work in place and in reused buffers; with autograd they cannot."""
     model, meta, io = stage_c_vector
-    kwargs = _call_kwargs(meta["calls"][0], io)
+    kwargs = call_kwargs(meta["calls"][0], io)
     with torch.no_grad():
         fast = model(**kwargs)
     inputs = {k: v.clone() for k, v in kwargs.items()}
@@ -143,7 +132,7 @@ def test_no_grad_fast_path_matches_autograd_path(stage_c_vector):
 def test_grn_fold_matches_plain_grn(stage_b_vector):
     """The GRN scale folded into the next weight (many tokens) equals the plain GRN path."""
     model, meta, io = stage_b_vector
-    kwargs = _call_kwargs(meta["calls"][0], io)
+    kwargs = call_kwargs(meta["calls"][0], io)
     with torch.no_grad():
         folded = model(**kwargs)
         try:
@@ -197,7 +186,7 @@ def test_resblock_forward_matches_formula():
 
 def test_two_dimensional_pooled_clip_is_one_token(stage_c_vector):
     model, meta, io = stage_c_vector
-    kwargs = _call_kwargs(meta["calls"][1], io)
+    kwargs = call_kwargs(meta["calls"][1], io)
     with torch.no_grad():
         ref = model(**kwargs)
         kwargs["clip_text_pooled"] = kwargs["clip_text_pooled"][:, 0]
@@ -207,7 +196,7 @@ def test_two_dimensional_pooled_clip_is_one_token(stage_c_vector):
 
 def test_time_conditions_accept_numbers(stage_c_vector):
     model, meta, io = stage_c_vector
-    kwargs = _call_kwargs(meta["calls"][0], io)
+    kwargs = call_kwargs(meta["calls"][0], io)
     with torch.no_grad():
         ref = model(**{**kwargs, "sca": torch.full((2,), 0.25), "crp": torch.zeros(2)})
         assert torch.equal(model(**{**kwargs, "sca": 0.25, "crp": None}), ref)
@@ -234,7 +223,7 @@ def _relative_error(out, ref):
 @pytest.mark.parametrize("vector", ["stage_c_vector", "stage_b_vector"])
 def test_bfloat16_runs_on_cpu_close_to_float32(vector, request):
     model, meta, io = request.getfixturevalue(vector)
-    kwargs = _call_kwargs(meta["calls"][0], io)  # float32 inputs: cast by the model
+    kwargs = call_kwargs(meta["calls"][0], io)  # float32 inputs: cast by the model
     low = copy.deepcopy(model).to(torch.bfloat16)
     with torch.no_grad():
         ref, out = model(**kwargs), low(**kwargs)
@@ -264,7 +253,7 @@ def test_fp16_guard_prevents_overflow(stage_c_vector):
         for block in hot.modules():
             if isinstance(block, TimestepBlock):
                 block.mapper.bias[: block.mapper.bias.shape[0] // 2] += 60.0
-    kwargs = _call_kwargs(meta["calls"][0], io)
+    kwargs = call_kwargs(meta["calls"][0], io)
     half = copy.deepcopy(hot).half()
     assert half.fp16_guard is False
     with torch.no_grad():
@@ -282,7 +271,7 @@ def test_fp16_guard_prevents_overflow(stage_c_vector):
 @pytest.mark.parametrize("vector", ["stage_c_vector", "stage_b_vector"])
 def test_fp16_guard_is_harmless_without_overflow(vector, request):
     model, meta, io = request.getfixturevalue(vector)
-    kwargs = _call_kwargs(meta["calls"][0], io)
+    kwargs = call_kwargs(meta["calls"][0], io)
     half = copy.deepcopy(model).half()
     with torch.no_grad():
         ref, plain = model(**kwargs), half(**kwargs)

@@ -18,13 +18,6 @@ FAST_B = StageBSettings(steps=2)
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    write_tiny_models(root)
-    return root
-
-
-@pytest.fixture(scope="module")
 def cascade(tiny_dir):
     return Cascade(CascadeFiles.from_dir(tiny_dir), ModelManager(device="cpu"), root=str(tiny_dir))
 

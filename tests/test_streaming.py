@@ -160,13 +160,6 @@ def test_a_network_without_blocks_is_placed_whole():
 # Through the model manager
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_stream")
-    tiny.write_tiny_models(root)
-    return root
-
-
 def _sample(mgr, model, cond, uncond):
     with mgr.running(model), torch.no_grad():
         return pipeline.sample_stage_c(model.module, cond, uncond, shape=(1, 16, 6, 6), seed=3,

@@ -3,17 +3,13 @@
 import pytest
 import torch
 
-from conftest import load_manifest, load_v2
+from conftest import call_kwargs, load_manifest, load_v2
 from wuerstchen.models import EfficientNetEncoder, StageA, WuerstchenDiffNeXt, WuerstchenPrior
 from wuerstchen.models.effnet import v2_effnet_to_raw
 from wuerstchen.models.stage_a import stage_a_config_from_diffusers
 from wuerstchen.models.wuerstchen_v2 import fuse_attention_keys, split_attention_keys
 
 NETWORKS = {"v2_prior": WuerstchenPrior, "v2_decoder": WuerstchenDiffNeXt}
-
-
-def call_args(call, io):
-    return {a["name"]: (io[a["key"]] if "key" in a else a["value"]) for a in call["args"]}
 
 
 def max_err(a, b):
@@ -46,7 +42,7 @@ def test_network_matches_reference_in_both_key_spellings(name, original):
     meta, model, io = loaded(name, original=original)
     with torch.no_grad():
         for call in meta["calls"]:
-            out = model(**call_args(call, io))
+            out = model(**call_kwargs(call, io))
             outs = list(out) if isinstance(out, tuple) else [out]
             assert len(outs) == len(call["outputs"])
             for ours, spec in zip(outs, call["outputs"]):
@@ -98,7 +94,7 @@ def test_full_size_layouts_on_meta(diffusers_name, original_name, cls):
 
 def test_decoder_rejects_sizes_it_cannot_take():
     meta, model, io = loaded("v2_decoder")
-    call = call_args(meta["calls"][0], io)
+    call = call_kwargs(meta["calls"][0], io)
     half = model.size_multiple // 2
     with pytest.raises(ValueError, match=f"must be a multiple of {model.size_multiple}"):
         model(call["x"][..., :half, :half], call["r"], call["effnet"], call["clip"])
@@ -107,7 +103,7 @@ def test_decoder_rejects_sizes_it_cannot_take():
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_low_precision_and_fp16_guard(name):
     meta, model, io = loaded(name)
-    args = call_args(meta["calls"][0], io)
+    args = call_kwargs(meta["calls"][0], io)
     with torch.no_grad():
         ref = model(**args)
         bf16 = model.to(torch.bfloat16)(**args)
@@ -134,7 +130,7 @@ def test_v2_effnet_matches_reference():
     meta, model, _, io = v2_effnet()
     (call,) = meta["calls"]
     with torch.no_grad():
-        out = model(**call_args(call, io))
+        out = model(**call_kwargs(call, io))
     spec = call["outputs"][0]
     assert max_err(out, io[spec["key"]]) <= spec["suggested_atol"]
 
