@@ -307,12 +307,9 @@ class ModelManager:
     def _estimate_bytes(path: Path, dtype: torch.dtype) -> int:
         """Bytes the file's floating tensors take in ``dtype`` (others as stored)."""
         src = WeightSource(path)
-        size = torch.empty((), dtype=dtype).element_size()
-        total = 0
-        for key, shape in src.shapes().items():
-            stored = src.dtypes()[key]
-            total += math.prod(shape) * (size if stored.is_floating_point else torch.empty((), dtype=stored).element_size())
-        return total
+        dtypes = src.dtypes()
+        return sum(math.prod(shape) * (dtype if dtypes[key].is_floating_point else dtypes[key]).itemsize
+                   for key, shape in src.shapes().items())
 
     def _make_room(self, incoming: int, keep: FileKey) -> None:
         """Drop least recently used cache entries (not running) until ``incoming`` more bytes fit."""
