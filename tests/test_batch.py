@@ -18,6 +18,17 @@ from wuerstchen.tiny import STAGE_C_LITE, write_tiny_lora
 FAST = {"width": 64, "height": 64, "c_steps": 2, "b_steps": 1}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (more only wait on each other on a shared machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -25,7 +36,7 @@ def write_jsonl(path, rows):
 
 def batch(tiny_dir, prompts, out, *extra):
     return cli.main(["batch", "--models", str(tiny_dir), "--prompts", str(prompts), "--out", str(out), "--quiet",
-                     "--family", "v3", *extra])
+                     "--family", "v3", "--dtype", "fp32", *extra])
 
 
 def jobs_of(tiny_dir, path, out):
@@ -113,7 +124,7 @@ def test_run_records_each_job_and_a_rerun_does_no_work(tiny_dir, tmp_path, monke
     # the same image as `generate` with the same settings
     single = tmp_path / "single.png"
     assert cli.main(["generate", "--prompt", "a cat", "--models", str(tiny_dir), "--out", str(single), "--family",
-                     "v3", "--seed", "3", "--width", "64", "--height", "64", "--c-steps", "2", "--b-steps", "1"]) == 0
+                     "v3", "--dtype", "fp32", "--seed", "3", "--width", "64", "--height", "64", "--c-steps", "2", "--b-steps", "1"]) == 0
     assert np.array_equal(pixels(single), pixels(out / cat["files"][0]))
 
     def no_work(self, job):
