@@ -107,3 +107,18 @@ def test_two_ray_workers_make_the_in_process_images_even_when_one_is_killed(loca
         assert again.done == 0 and again.skipped == JOBS and len(lines_for(killed)) == JOBS
     finally:
         runner.stop()
+
+
+def test_the_command_line_on_ray(local_ray, tiny_dir, in_process, jobs, tmp_path, capsys):
+    lines = "".join(json.dumps({"prompt": j.prompt, "seed": j.seed, "c_steps": 2, "b_steps": 1, "width": 64,
+                                "height": j.settings["height"]}) + "\n" for j in jobs[:4])
+    (tmp_path / "jobs.jsonl").write_text(lines)
+    argv = ["batch", "--models", str(tiny_dir), "--prompts", str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "out"),
+            "--family", "v3", "--dtype", "fp32", "--quiet", "--ray", "auto"]
+    assert cli.main(argv + ["--workers", "3"]) == 2  # 2 CPUs: at most 2 workers
+    assert "has 2 CPU(s)" in capsys.readouterr().err
+    assert cli.main(argv + ["--workers", "1"]) == 0
+    assert "4 job(s): 4 done, 0 failed" in capsys.readouterr().out
+    for job in jobs[:4]:
+        assert np.array_equal(pixels(tmp_path / "out" / job.files[0]), pixels(in_process / job.files[0]))
+    assert ray.is_initialized()  # the Ray it found is left running for its owner
