@@ -116,7 +116,7 @@ def test_the_command_line_on_ray(local_ray, tiny_dir, in_process, jobs, tmp_path
     argv = ["batch", "--models", str(tiny_dir), "--prompts", str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "out"),
             "--family", "v3", "--dtype", "fp32", "--quiet", "--ray", "auto"]
     assert cli.main(argv + ["--workers", "3"]) == 2  # 2 CPUs: at most 2 workers
-    assert "has 2 CPU(s)" in capsys.readouterr().err
+    assert "has 2 CPU(s), 1 per worker" in capsys.readouterr().err
     assert cli.main(argv + ["--workers", "1"]) == 0
     assert "4 job(s): 4 done, 0 failed" in capsys.readouterr().out
     for job in jobs[:4]:

@@ -38,12 +38,15 @@ class RayRunner:
 
     ``address``: ``"auto"`` for the Ray ``ray.init()`` finds or starts on this machine, or a cluster's
     address; with Ray already initialised in this process, that Ray is used. ``worker_options`` are
-    :class:`Worker`'s arguments."""
+    :class:`Worker`'s arguments. ``cpus_per_worker``: the CPUs (and torch threads of a CPU worker)
+    each worker takes (default: a CPU worker shares the cluster's CPUs with the others; a GPU
+    worker takes up to 4)."""
 
     def __init__(self, worker_options: dict, workers: Optional[int] = None, address: str = "auto",
-                 max_attempts: int = MAX_ATTEMPTS):
+                 max_attempts: int = MAX_ATTEMPTS, cpus_per_worker: Optional[int] = None):
         self.worker_options = dict(worker_options)
         self.workers = workers
+        self.cpus_per_worker = cpus_per_worker
         self.address = address
         self.max_attempts = max_attempts
         self.actors: List = []
@@ -66,12 +69,14 @@ class RayRunner:
         if gpus:
             if count > gpus:
                 raise RayStartError(f"--workers {count}: the Ray cluster has {gpus} GPU(s), one per worker")
-            options, threads = {"num_gpus": 1, "num_cpus": max(1, min(4, cpus // count))}, None
+            cpus_each = self.cpus_per_worker or max(1, min(4, cpus // count))
+            options, threads = {"num_gpus": 1, "num_cpus": cpus_each}, None
         else:
-            if count > cpus:
-                raise RayStartError(f"--workers {count}: the Ray cluster has {cpus} CPU(s), at least one per worker")
-            threads = cpus // count
-            options = {"num_cpus": threads}
+            cpus_each = self.cpus_per_worker or max(1, cpus // count)
+            if count * cpus_each > cpus:
+                raise RayStartError(f"--workers {count}: the Ray cluster has {cpus} CPU(s), "
+                                    f"{cpus_each} per worker")
+            options, threads = {"num_cpus": cpus_each}, cpus_each
         remote = ray.remote(Worker).options(max_restarts=MAX_RESTARTS, max_task_retries=0, **options)
         self.actors = [remote.remote(**self.worker_options, threads=threads) for _ in range(count)]
         try:
