@@ -159,6 +159,20 @@ def test_a_failing_job_is_recorded_and_the_others_go_on(tiny_dir, tmp_path, caps
     assert [r["prompt"] for r in lines_for(out)][3:] == ["wrong lora"]
 
 
+def test_wuerstchen_v2_jobs_make_generate_s_images(tiny_dir, tmp_path):
+    path = write_jsonl(tmp_path / "jobs.jsonl", [{"prompt": "a cat", "seed": 5, "width": 128, "height": 128,
+                                                 "c_steps": 2, "b_steps": 1}])
+    out = tmp_path / "out"
+    assert batch(tiny_dir, path, out, "--family", "v2") == 0
+    (record,) = lines_for(out)
+    assert record["family"] == "wuerstchen_v2" and record["settings"]["prior"]["steps"] == 2
+    single = tmp_path / "single.png"
+    assert cli.main(["generate", "--prompt", "a cat", "--models", str(tiny_dir), "--out", str(single), "--family", "v2",
+                     "--dtype", "fp32", "--seed", "5", "--width", "128", "--height", "128", "--c-steps", "2",
+                     "--b-steps", "1"]) == 0
+    assert np.array_equal(pixels(single), pixels(out / record["files"][0]))
+
+
 def test_usage_errors(tiny_dir, tmp_path, capsys):
     path = write_jsonl(tmp_path / "jobs.jsonl", [{"prompt": "a cat"}])
     assert batch(tiny_dir, path, tmp_path / "out", "--workers", "2") == 2

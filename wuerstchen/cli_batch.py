@@ -117,6 +117,10 @@ def run(args) -> int:
     try:
         summary = run_batch(jobs, Output(args.out), runner, group_size=args.group or GROUP_SIZE,
                             progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted: the jobs finished so far are in {Path(args.out) / 'manifest.jsonl'}; run the same "
+              "command again to do the rest", file=sys.stderr)
+        return 130
     finally:
         if hasattr(runner, "stop"):
             runner.stop()
