@@ -63,6 +63,13 @@ class RayRunner:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise RayStartError(f"--ray {self.address}: {exc}") from None
             self._started_ray = True
+        try:
+            self._start_actors()
+        except RayStartError:
+            self.stop()
+            raise
+
+    def _start_actors(self) -> None:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
         count = self.workers or gpus or 1
@@ -82,8 +89,7 @@ class RayRunner:
         try:
             ray.get([actor.ready.remote() for actor in self.actors])
         except RayError as exc:
-            self.stop()
-            raise RayStartError(f"the Ray workers could not load the models: {exc}") from None
+            raise RayStartError(f"the Ray workers could not start: {_last_line(exc)}") from None
 
     def stop(self) -> None:
         for actor in self.actors:
@@ -175,6 +181,12 @@ def init_ray(address: Optional[str] = None, **options) -> None:
     current = os.environ.get("PYTHONPATH", "")
     path = os.pathsep.join([root] + ([current] if current else []))
     ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **options)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The last line of a Ray error: the worker's own exception ("FileNotFoundError: ...")."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else exc.__class__.__name__
 
 
 def _first_line(exc: BaseException) -> str:

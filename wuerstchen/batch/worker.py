@@ -59,13 +59,16 @@ class Worker:
                  threads: Optional[int] = None):
         if threads:
             torch.set_num_threads(threads)
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        if not Path(models).is_dir():
+            raise FileNotFoundError(f"{self.id}: the models folder {models!r} is not here (every worker needs it at "
+                                    "the same path)")
         self.family = family
         self.manager = ModelManager(dtype=WEIGHT_DTYPES[dtype], device=device, memory_budget=vram_budget)
         files = CascadeFiles.from_dir(models, stage_c_variant, stage_b_variant)
         kind = CascadeV2 if family == FAMILY_FLAGS["v2"] else Cascade
         self.cascade = kind(files, self.manager, root=models, embeddings=embeddings or str(Path(models) / "embeddings"))
         self.loras: Dict[str, object] = {}  # --lora spec -> LoraUse, each file read once
-        self.id = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, job: Job) -> Result:
         start = time.perf_counter()
