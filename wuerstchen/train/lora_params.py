@@ -194,6 +194,31 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def normal_tensors(*modules: nn.Module) -> Iterator[None]:
+    """Autograd cannot save inference-mode tensors (what models loaded under ``torch.inference_mode``,
+    as ComfyUI runs its nodes, hold): inside the block such parameters and buffers are replaced by
+    normal copies, and the module's own objects are put back after. Nothing is copied otherwise."""
+    swapped = []
+    try:
+        with torch.inference_mode(False):
+            for m in modules:
+                if m is None:
+                    continue
+                for owner in m.modules():
+                    for store in (owner._parameters, owner._buffers):
+                        for name, t in list(store.items()):
+                            if t is not None and t.is_inference():
+                                copy = t.clone()
+                                store[name] = nn.Parameter(copy, t.requires_grad) if isinstance(t, nn.Parameter) \
+                                    else copy
+                                swapped.append((store, name, t))
+        yield
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
+
+
+@contextlib.contextmanager
 def checkpointed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Gradient checkpointing of each block of a Stage C (``block_schedule``): a block's activations
     are recomputed in the backward pass instead of kept. The instance ``forward`` is restored after."""

@@ -24,7 +24,7 @@ from torch import nn
 from ..lora import OFFICIAL_MODULE_FILTERS
 from .dataset import LatentSet
 from .gdf import TrainingGDF, diffusion_loss
-from .lora_params import LearnedTokens, StageCLora, TokenSpec, checkpointed_blocks, frozen
+from .lora_params import LearnedTokens, StageCLora, TokenSpec, checkpointed_blocks, frozen, normal_tensors
 
 CHECKPOINT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -93,6 +93,13 @@ class LoraTrainer:
                  config: TrainConfig, gdf: TrainingGDF = TrainingGDF()):
         if len(data) == 0:
             raise ValueError("no training examples")
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these must train
+            self._setup(stage_c, text_encoder, data, config, gdf)
+
+    def _setup(self, stage_c, text_encoder, data: LatentSet, config: TrainConfig, gdf: TrainingGDF) -> None:
+        if any(t.is_inference() for t in data.latents):
+            data = LatentSet([t.clone() for t in data.latents], data.captions,
+                             [None if e is None else (e[0].clone(), e[1].clone()) for e in data.encoded], data.buckets)
         self.stage_c, self.text_encoder, self.data, self.config, self.gdf = stage_c, text_encoder, data, config, gdf
         self.device = next(stage_c.parameters()).device
         self.generator = torch.Generator().manual_seed(int(config.seed))
@@ -189,9 +196,9 @@ class LoraTrainer:
     @contextlib.contextmanager
     def session(self) -> Iterator["LoraTrainer"]:
         """The models frozen, the LoRA attached and the blocks checkpointed inside the block; all undone after."""
-        with frozen(self.stage_c, self.text_encoder), self.lora.attached(self.stage_c), \
-                checkpointed_blocks(self.stage_c, self.config.gradient_checkpointing), torch.inference_mode(False), \
-                torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), frozen(self.stage_c, self.text_encoder), \
+                normal_tensors(self.stage_c, self.text_encoder), self.lora.attached(self.stage_c), \
+                checkpointed_blocks(self.stage_c, self.config.gradient_checkpointing):
             yield self
 
     def run(self, until: Optional[int] = None, on_step: Optional[StepFn] = None,
