@@ -138,6 +138,9 @@ class WuerstchenTrainStageCLora:
                                       batch=_one(batch_size), accum=_one(grad_accumulation),
                                       resolution=_one(resolution), seed=_one(seed), tokens=tokens,
                                       gradient_checkpointing=_one(gradient_checkpointing))
+            if tokens and conditioning is not None:
+                raise NodeError(f"{node}: learned tokens need the captions as text; give captions instead of "
+                                "'conditioning'")
             examples = _examples(node, _one(folder) or "", images, captions, conditioning)
             mgr = manager()
             data = encode_dataset(mgr, eff.model, examples, config.resolution)

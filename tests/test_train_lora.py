@@ -190,3 +190,29 @@ def test_bad_datasets_are_refused_before_training(tmp_path, models):
         encode_examples(effnet, read_folder(folder), resolution=128)
     with pytest.raises(DatasetError, match="3 pictures but 2 captions"):
         from_tensors(torch.rand(3, 64, 64, 3), ["a", "b"])
+
+
+def test_an_interrupt_keeps_the_last_checkpoint(models, data, tmp_path):
+    stage_c, text, _ = models
+    ckpt = tmp_path / "run.ckpt"
+    trainer = LoraTrainer(stage_c, text, data, TrainConfig(steps=6, resolution=128, seed=2))
+
+    def stop(step, total, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(on_step=stop, checkpoint=ckpt, save_every=2)
+    again = LoraTrainer(stage_c, text, data, TrainConfig(steps=6, resolution=128, seed=2))
+    again.load_checkpoint(ckpt)
+    assert again.step == 2 and len(again.history) == 2
+    assert not (tmp_path / "run.ckpt.tmp").exists()
+
+
+def test_bf16_autocast_trains_with_float32_master_weights(models, data):
+    stage_c, text, _ = models
+    trainer = LoraTrainer(stage_c, text, data, TrainConfig(steps=2, resolution=128, lr=1e-2, precision="bf16"))
+    trainer.run()
+    assert all(math.isfinite(r["loss"]) for r in trainer.history)
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert any(bool(f.lora_down.abs().sum() > 0) for f in trainer.lora.weights)

@@ -105,7 +105,7 @@ class TokenSpec:
     def parse(cls, text: str) -> "TokenSpec":
         """``'[name]:^dog</w>'`` -> new word [name] starting as the mean of the rows matching ^dog</w>;
         ``'^snail'`` -> the existing tokens matching ^snail."""
-        token, sep, init = text.partition(":") if text.startswith(("[", "<")) else (text, "", "")
+        token, init = text, None
         if text.startswith(("[", "<")):
             close = "]" if text.startswith("[") else ">"
             end = text.find(close)
