@@ -4,11 +4,12 @@ gradient checkpointing of the Stage C blocks.
 The official recipe (wuerstchen.train): rank 4 on every attention (``.attn``), AdamW, one 768x768
 picture per update (a 24x24 Stage C latent), batch 1, accumulation 1, text pre-encoded (random
 CLIP-G conditioning: the text encoder is not part of the measurement; text dropout off). The Stage C
-weights are random (seeded, small), built on the meta device and filled in the weight dtype. Each
-case runs in a fresh subprocess: after one warm-up update the RSS high-water mark is reset
-(``/proc/self/clear_refs``) and the timed updates run; ``peak_bytes`` is the peak RSS (CPU) or
-``torch.cuda.max_memory_allocated`` (CUDA) during them, weights included; ``over_weights_bytes`` is
-that minus the resident memory before the first update.
+weights are random (seeded, small), built on the meta device, filled in float32 and cast to the
+weight dtype. Each case runs in a fresh subprocess: the RSS high-water mark is reset
+(``/proc/self/clear_refs``) once the weights are in memory, one warm-up update runs, then the timed
+ones; ``peak_bytes`` is the peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA) over the
+updates, weights included; ``over_weights_bytes`` is that minus the memory held before the first
+update (the weights, and on CPU the interpreter): activations, gradients, LoRA and AdamW state.
 
     python bench/train.py                              # Stage C lite, CPU fp32, 2 updates per case
     python bench/train.py --device cuda --variants lite,full --dtype bf16 --steps 5
@@ -68,15 +69,15 @@ def measure(variant: str, dtype_name: str, device: str, checkpointing: bool, ste
                          gradient_checkpointing=checkpointing)
     trainer = LoraTrainer(model, None, data, config)
     times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status("VmRSS")
     with trainer.session():
-        trainer.train_step()  # warm-up: kernels, optimizer state
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")
-            before = _status("VmRSS")
+        trainer.train_step()  # warm-up: kernels, optimizer state (its memory counts in the peak)
         for _ in range(steps):
             start = time.perf_counter()
             trainer.train_step()
