@@ -216,3 +216,37 @@ def test_bf16_autocast_trains_with_float32_master_weights(models, data):
     assert all(math.isfinite(r["loss"]) for r in trainer.history)
     assert all(p.dtype == torch.float32 for p in trainer.params)
     assert any(bool(f.lora_down.abs().sum() > 0) for f in trainer.lora.weights)
+
+
+def test_learned_tokens_start_as_the_official_trainer_starts_them(models):
+    from wuerstchen.tokenizer import CLIPTokenizer
+    from wuerstchen.train import LearnedTokens, TokenSpec
+
+    text = models[1]
+    vocab = CLIPTokenizer().vocabulary.token_ids
+    weight = text.token_embedding.weight.detach()
+    tokens = LearnedTokens([TokenSpec.parse("[pet]:^dog"), TokenSpec.parse("^snail")], weight)
+    dog_rows = [i for t, i in vocab.items() if t.startswith("dog")]
+    snail_rows = sorted(i for t, i in vocab.items() if t.startswith("snail"))
+    assert len(dog_rows) > 1 and len(snail_rows) > 1
+    assert tokens.indices[0] == 49408 and sorted(tokens.indices[1:]) == snail_rows
+    assert torch.allclose(tokens.start[0], weight[dog_rows].mean(0))
+    assert torch.equal(tokens.start[1:], weight[tokens.indices[1:]])
+    assert torch.count_nonzero(tokens.embeddings) == 0  # the learned change starts at zero (ReToken)
+    # The new word is one token, encoded with its row; unchanged rows give the plain encoding.
+    clip_text, pooled = tokens.encode(text, ["a snail", "a photo of [pet]"])
+    ids, mask = text.tokenize(["a snail"])
+    plain = text(ids, mask)
+    assert torch.allclose(clip_text[0], plain.clip_text[0], atol=1e-5)
+    assert tokens.tokenizer.encode("[pet]") == [49408]
+
+
+def test_pictures_of_other_shapes_train_in_their_own_buckets(models):
+    stage_c, text, effnet = models
+    shapes = [(96, 160), (96, 160), (160, 96), (160, 96)]  # landscape and portrait (h, w)
+    examples = from_tensors([picture_tensor(i, s) for i, s in enumerate(shapes)], ["a", "b", "c", "d"])
+    data = encode_examples(effnet, examples, resolution=128)
+    assert sorted(data.buckets) == [(3, 5), (5, 3)]
+    trainer = LoraTrainer(stage_c, text, data, TrainConfig(steps=4, batch=2, resolution=128))
+    trainer.run()
+    assert len(trainer.history) == 4

@@ -87,10 +87,13 @@ def _check(args):
     config = _config(args)
     try:
         check_device(args.device, "--device")
+    except RequestError as exc:
+        raise UsageError(str(exc)) from None
+    try:
         examples = read_folder(args.data)
         check_examples(examples, config.resolution)
     except RequestError as exc:
-        raise UsageError(f"--data: {exc}" if "training" in str(exc) else str(exc)) from None
+        raise UsageError(f"--data {args.data!r}: {exc}") from None
     return config, examples
 
 
