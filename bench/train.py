@@ -4,8 +4,7 @@ gradient checkpointing of the Stage C blocks.
 The official recipe (wuerstchen.train): rank 4 on every attention (``.attn``), AdamW, one 768x768
 picture per update (a 24x24 Stage C latent), batch 1, accumulation 1, text pre-encoded (random
 CLIP-G conditioning: the text encoder is not part of the measurement; text dropout off). The Stage C
-weights are random (seeded, small), built on the meta device, filled in float32 and cast to the
-weight dtype. Each case runs in a fresh subprocess: the RSS high-water mark is reset
+weights are random (seeded, small), built on the meta device and allocated in the weight dtype. Each case runs in a fresh subprocess: the RSS high-water mark is reset
 (``/proc/self/clear_refs``) once the weights are in memory, one warm-up update runs, then the timed
 ones; ``peak_bytes`` is the peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA) over the
 updates, weights included; ``over_weights_bytes`` is that minus the memory held before the first
@@ -45,13 +44,13 @@ def build(variant: str, dtype: torch.dtype, device: str):
     from wuerstchen.models import StageC
 
     with torch.device("meta"):
-        model = StageC(**official(STAGE_C, variant))
-    model = model.to_empty(device=device).float().eval()  # filled in float32 (CPU), then cast
+        model = StageC(**official(STAGE_C, variant)).to(dtype)
+    model = model.to_empty(device=device).eval()  # only the weight dtype is ever allocated
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, device=device).mul_(0.02))
-    return model.to(dtype)
+    return model
 
 
 def measure(variant: str, dtype_name: str, device: str, checkpointing: bool, steps: int, resolution: int) -> dict:

@@ -250,3 +250,14 @@ def test_pictures_of_other_shapes_train_in_their_own_buckets(models):
     trainer = LoraTrainer(stage_c, text, data, TrainConfig(steps=4, batch=2, resolution=128))
     trainer.run()
     assert len(trainer.history) == 4
+
+
+def test_kohya_repeat_folders(tmp_path, models):
+    root = write_pictures(tmp_path / "set", n=1)
+    write_pictures(root / "3_dog", n=2, caption="a [dog] {i}")
+    write_pictures(root / "other", n=1, caption="other {i}")
+    examples = read_folder(root)
+    names = [e.name for e in examples]
+    assert names == ["pic0.png"] + ["3_dog/pic0.png", "3_dog/pic1.png"] * 3 + ["other/pic0.png"]
+    data = encode_examples(models[2], examples, resolution=128)
+    assert data.latents[1] is data.latents[3]  # a repeated picture is encoded once

@@ -1,4 +1,5 @@
-"""Training pictures and captions: a folder (``name.png|jpg|jpeg|webp`` + ``name.txt``) or tensors,
+"""Training pictures and captions: a folder (``name.png|jpg|jpeg|webp`` + ``name.txt``, and kohya's
+``N_name/`` sub-folders repeated N times) or tensors,
 checked before any training; the official multi-aspect buckets; the semantic latents, computed once.
 
 Buckets follow the official data pipeline (``core/data/bucketeer.py`` with
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -83,14 +85,22 @@ def fit_to_bucket(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return x[0, :, top:top + th, left:left + tw].clamp(0, 1).contiguous()
 
 
+def _pictures_in(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def read_folder(folder: os.PathLike | str) -> List[Example]:
-    """Every picture in ``folder`` (not its sub-folders) with its caption, checked; sorted by name."""
+    """Every picture in ``folder`` with its caption, checked; sorted by name. Sub-folders (one level)
+    are read too, kohya-style: ``10_name/`` repeats its pictures 10 times per pass, others once."""
     root = Path(folder)
     if not root.exists():
         raise DatasetError(f"training data {str(root)!r}: no such folder")
     if not root.is_dir():
         raise DatasetError(f"training data {str(root)!r} is a file; give a folder of pictures with .txt captions")
-    pictures = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    pictures = _pictures_in(root)
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        repeat = re.match(r"^(\d+)_", sub.name)
+        pictures += _pictures_in(sub) * (int(repeat.group(1)) if repeat else 1)
     if not pictures:
         raise DatasetError(f"training data {str(root)!r} holds no pictures ({', '.join(IMAGE_EXTENSIONS)}); "
                            "put name.png (or .jpg/.webp) with name.txt captions in it")
@@ -98,14 +108,16 @@ def read_folder(folder: os.PathLike | str) -> List[Example]:
     if missing:
         raise DatasetError(f"training data {str(root)!r}: {len(missing)} picture(s) without a caption file, e.g. "
                            f"{missing[0]} needs {Path(missing[0]).with_suffix('.txt').name}")
-    examples = []
+    examples, read = [], {}
     for p in pictures:
-        image = read_image(p, what="training picture")[0]
-        try:
-            caption = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            raise DatasetError(f"caption {str(p.with_suffix('.txt'))!r} is not UTF-8 text") from None
-        examples.append(Example(image, caption, p.name))
+        if p not in read:  # a repeated picture is read (and later encoded) once
+            try:
+                caption = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise DatasetError(f"caption {str(p.with_suffix('.txt'))!r} is not UTF-8 text") from None
+            read[p] = (read_image(p, what="training picture")[0], caption)
+        image, caption = read[p]
+        examples.append(Example(image, caption, str(p.relative_to(root))))
     return examples
 
 
@@ -174,11 +186,14 @@ class LatentSet:
 def encode_examples(effnet: torch.nn.Module, examples: Sequence[Example], resolution: int) -> LatentSet:
     """Each picture fitted to its bucket and encoded by the semantic compressor once (float32, CPU)."""
     check_examples(examples, resolution)
-    latents, buckets = [], {}
+    latents, buckets, done = [], {}, {}
     for i, e in enumerate(examples):
-        size = closest_bucket(*e.image.shape[-2:], resolution)
-        picture = fit_to_bucket(e.image, size).unsqueeze(0)
-        latent = encode_semantic(effnet, picture, (size[0] // EFFNET_COMPRESSION, size[1] // EFFNET_COMPRESSION))
-        latents.append(latent[0])
+        if id(e.image) not in done:  # repeats of one picture share its latent
+            size = closest_bucket(*e.image.shape[-2:], resolution)
+            picture = fit_to_bucket(e.image, size).unsqueeze(0)
+            done[id(e.image)] = encode_semantic(effnet, picture, (size[0] // EFFNET_COMPRESSION,
+                                                                  size[1] // EFFNET_COMPRESSION))[0]
+        latent = done[id(e.image)]
+        latents.append(latent)
         buckets.setdefault(tuple(latent.shape[-2:]), []).append(i)
     return LatentSet(latents, [e.caption for e in examples], [e.encoded for e in examples], buckets)
