@@ -60,9 +60,10 @@ def _examples(node: str, folder: str, images, captions, conditioning):
         if entries and isinstance(entries[0], list) and entries[0] and isinstance(entries[0][0], list):
             entries = [e for c in entries for e in c]  # one CONDITIONING per list item (INPUT_IS_LIST)
         cond = T.conditioning_in(entries, node, "conditioning")
+        if cond.clip_text.shape[1] != 77:
+            raise NodeError(f"{node}: 'conditioning' holds captions of {cond.clip_text.shape[1]} tokens; training "
+                            "takes 77 (captions of at most 75 tokens, as the official trainer truncates them)")
         examples = core.from_tensors(images, [""] * cond.clip_text.shape[0])
-        if len(examples) != cond.clip_text.shape[0]:
-            raise NodeError(f"{node}: {len(examples)} pictures but {cond.clip_text.shape[0]} captions in 'conditioning'")
         for i, e in enumerate(examples):
             e.encoded = (cond.clip_text[i], cond.clip_text_pooled[i])
         return examples
