@@ -17,6 +17,7 @@ from .loaders import (
 )
 from .lora import WuerstchenLoraLoader
 from .samplers import WuerstchenStageBSampler, WuerstchenStageCSampler
+from .train import WuerstchenApplyTrainedLora, WuerstchenLossPlot, WuerstchenSaveLora, WuerstchenTrainStageCLora
 
 _DISPLAY = {
     WuerstchenStageCLoader: "Wuerstchen Stage C Loader",
@@ -39,6 +40,10 @@ _DISPLAY = {
     WuerstchenControlNetApply: "Wuerstchen ControlNet Apply",
     WuerstchenStageADecode: "Wuerstchen Stage A Decode",
     WuerstchenPreviewDecode: "Wuerstchen Preview Decode",
+    WuerstchenTrainStageCLora: "Wuerstchen Train Stage-C LoRA",
+    WuerstchenSaveLora: "Wuerstchen Save LoRA",
+    WuerstchenLossPlot: "Wuerstchen Loss Plot",
+    WuerstchenApplyTrainedLora: "Wuerstchen Apply Trained LoRA",
 }
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _DISPLAY}

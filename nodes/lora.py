@@ -37,15 +37,17 @@ class WuerstchenLoraLoader:
             },
             "optional": {
                 "clip": (H.CLIP_TEXT, {"tooltip": "The CLIP-G text encoder, for LoRAs with a text part or learned tokens."}),
+                "lora": ("WUERSTCHEN_LORA", {"tooltip": "A LoRA trained in this graph (Wuerstchen Train Stage-C "
+                                                        "LoRA); used instead of lora_name."}),
             },
         }
 
-    def load(self, stage_c, lora_name, strength_model, strength_clip, clip=None):
+    def load(self, stage_c, lora_name, strength_model, strength_clip, clip=None, lora=None):
         node = "WuerstchenLoraLoader"
         sc = require(stage_c, "stage_c", node, "stage_c")
         text = require(clip, "clip_text", node, "clip") if clip is not None else None
-        path = resolve_model("lora", lora_name)
+        path = resolve_model("lora", lora_name) if lora is None else None
         with T.node_errors(node):
-            use = LoraUse(lora_lib.load_lora(path), strength_model, strength_clip)
+            use = LoraUse(lora.file if lora is not None else lora_lib.load_lora(path), strength_model, strength_clip)
             use.check(sc.module, text.module if text is not None else None, who=node)
         return (sc.with_lora(use), text.with_lora(use) if text is not None else None)

@@ -328,6 +328,36 @@ def lora() -> Workflow:
     return wf
 
 
+def train_lora() -> Workflow:
+    wf = Workflow("train_lora")
+    c, b, a, clip, _ = stage_loaders(wf)
+    eff = wf.add("WuerstchenSemanticCompressorLoader", 0, "Models", width=360, model_name="effnet_encoder.safetensors")
+    img = load_image(wf, 1, "Training data", "Training picture(s)")
+    wf.note(1, "Several pictures: ComfyUI's Load Image and Text\nDataset from Folder (images + conditioning),\n"
+               "or the folder widget of the training node\n(name.png + name.txt pairs).", group="Training data")
+    tr = wf.add("WuerstchenTrainStageCLora", 2, "Train", width=400, steps=300, captions="a photo of [pet]",
+                token="[pet]:^dog</w>")
+    for src, out, socket in ((c, "stage_c", "stage_c"), (clip, "clip", "clip"), (eff, "semantic_compressor",
+                                                                                "semantic_compressor"),
+                             (img, "IMAGE", "images")):
+        wf.link(src, out, tr, socket)
+    apply = wf.add("WuerstchenApplyTrainedLora", 3, "LoRA", width=360)
+    wf.link(c, "stage_c", apply, "stage_c")
+    wf.link(tr, "lora", apply, "lora")
+    wf.link(clip, "clip", apply, "clip")
+    save = wf.add("WuerstchenSaveLora", 3, "LoRA", width=360, filename_prefix="wuerstchen_trained_lora")
+    wf.link(tr, "lora", save, "lora")
+    plot = wf.add("WuerstchenLossPlot", 3, "LoRA", width=360)
+    wf.link(tr, "loss", plot, "loss")
+    pos, neg = prompts(wf, apply, "clip", 4, text="a photo of [pet] in a garden")
+    lat = empty_latent(wf, 4)
+    shown = wf.add("PreviewImage", 4, "Loss", width=520, extra_height=260)
+    wf.link(plot, "plot", shown, "images")
+    sampler = stage_c_sampler(wf, 5, (apply, "stage_c"), pos, neg, (lat, "stage_c"))
+    finish(wf, 6, (b, "stage_b"), (a, "stage_a"), sampler, pos, neg, "wuerstchen_trained_lora")
+    return wf
+
+
 def _controlnet(name: str, controlnet_file: str, prefix: str, build_hint, title: Optional[str] = None) -> Workflow:
     """Loaders, prompts and size in columns 0-1; ``build_hint`` adds the hint from column 2 on."""
     wf = Workflow(name)
@@ -502,6 +532,7 @@ WORKFLOWS = {
     "image_to_image": image_to_image,
     "image_variation": image_variation,
     "lora": lora,
+    "train_lora": train_lora,
     "controlnet_canny": controlnet_canny,
     "controlnet_inpainting": controlnet_inpainting,
     "super_resolution": super_resolution,

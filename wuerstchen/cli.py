@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     from .cli_batch import register as register_batch
     register_batch(sub)
+    from . import cli_train_lora
+
+    cli_train_lora.register(sub)
     return p
 
 

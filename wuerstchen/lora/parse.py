@@ -279,6 +279,8 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], *, name: str = "LoRA",
                token_words: Optional[Mapping[int, str]] = None) -> LoraFile:
     """Parse a LoRA state dict (see :func:`load_lora`); the format is detected from its keys."""
     metadata = dict(metadata or {})
+    if token_words is None:  # files we train name their new words in the metadata (save.py)
+        token_words = _metadata_token_words(metadata)
     keys = list(tensors)
     if not keys:
         raise LoraError(f"{name}: the file holds no tensors")
@@ -377,6 +379,14 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], *, name: str = "LoRA",
         raise LoraError(f"{name}: this is {foreign}, not a Stable Cascade Stage C LoRA.")
     fmt = max(namings, key=lambda k: namings[k])
     return LoraFile(name, fmt, stage_c, text, embeddings, len(keys), unused, indexed, metadata, kinds)
+
+
+def _metadata_token_words(metadata: Mapping[str, str]) -> Optional[Dict[int, str]]:
+    """``train_tokens`` metadata ([[index, word], ...], as the official info.json lists them), if any."""
+    try:
+        return {int(i): str(w) for i, w in json.loads(metadata["train_tokens"])} or None
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _official_entries(name: str, official: Mapping[int, Mapping[str, torch.Tensor]]) -> List[IndexedLora]:
