@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tiny-models", help="write tiny random checkpoints in every official layout (smoke tests)")
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
+
+    from . import cli_edit
+    cli_edit.register(sub)
     return p
 
 
@@ -468,6 +471,8 @@ def cmd_tiny_models(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
     if args.command == "generate":
         return cmd_generate(args)
     return cmd_tiny_models(args)
