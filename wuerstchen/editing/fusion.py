@@ -178,3 +178,18 @@ def fuse(model: nn.Module, layers: Layers, guidance: Guidance, settings: EditSet
     if settings.preserve:
         x0 = x0 * keep + source.source.to(x0.device) * (1 - keep)
     return x0, edit
+
+
+def with_objects_from(layers: Layers, other: Layers) -> Layers:
+    """``layers`` with the objects of another decomposed picture added (composition); the pictures must
+    have the same latent size and both be inverted with the same steps."""
+    if other.cells != layers.cells or other.source.steps != layers.source.steps:
+        raise ValueError(f"the other picture's layers are {other.cells[1]}x{other.cells[0]} cells with "
+                         f"{other.source.steps} steps, these {layers.cells[1]}x{layers.cells[0]} with "
+                         f"{layers.source.steps}; decompose both at the same size and steps")
+    return layers.replace_objects(list(layers.objects) + list(other.objects))
+
+
+def edit_pixels(edit: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """The edit's cells [h, w] as a pixel mask [H, W] (each cell's pixels, nearest)."""
+    return torch.nn.functional.interpolate(edit.float()[None, None], size=tuple(size), mode="nearest")[0, 0]
