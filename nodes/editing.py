@@ -6,7 +6,6 @@ edit. The work is done by :mod:`wuerstchen.editing`; these classes translate soc
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 

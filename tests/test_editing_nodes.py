@@ -7,7 +7,7 @@ from editing_helpers import box_mask, picture
 from node_helpers import load, run
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes.host import NodeError
-from wuerstchen import pipeline, tiny
+from wuerstchen import tiny
 from wuerstchen.management import ModelManager
 
 SIZE = (256, 256)

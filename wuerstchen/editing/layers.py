@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -185,24 +185,3 @@ class Layers:
 def ordered(objects: Sequence[ObjectLayer]) -> List[ObjectLayer]:
     """Objects in pasting order: by depth, then as given (a stable sort)."""
     return sorted(objects, key=lambda layer: layer.transform.depth)
-
-
-def union(masks: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(like, dtype=torch.bool)
-    for m in masks:
-        out |= m.bool()
-    return out
-
-
-def hole_of(objects: Sequence[ObjectLayer], shape: Tuple[int, int], dilate_cells: int,
-            extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The cells the objects leave behind (grown by ``dilate_cells``), plus ``extra``."""
-    from .masks import dilate
-
-    hole = torch.zeros(shape, dtype=torch.bool)
-    for layer in objects:
-        hole |= layer.cells
-    hole = dilate(hole, dilate_cells)
-    if extra is not None:
-        hole |= extra.bool()
-    return hole

@@ -11,7 +11,7 @@ source's own round trip there (up to the decoder's reach across the edge).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
