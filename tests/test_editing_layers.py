@@ -185,3 +185,10 @@ def test_every_operation_runs(cascade):
         if spec.startswith("move"):
             assert result.offset_cells == (-1, 1)
     assert shapes == {(1, 3, 256, 256)}
+
+
+def test_a_move_that_snaps_off_the_canvas_is_refused():
+    mask = box_mask(SIZE, 100, 200, 40, 30)[0]  # x 200..230; its cell is the last column (213..256)
+    operations.check(operations.parse("move:10,0"), [mask], SIZE)  # 0 cells once snapped
+    with pytest.raises(RequestError, match="is 1, 0 Stage C cells once snapped.*off the 6x6-cell canvas"):
+        operations.check(operations.parse("move:26,0"), [mask], SIZE)  # fits in pixels, not in cells

@@ -44,6 +44,12 @@ class Transform:
                          self.flip_h != other.flip_h, self.flip_v != other.flip_v, other.depth or self.depth)
 
 
+def snap_offset(dx: float, dy: float, image_size: Tuple[int, int], cells: Tuple[int, int]) -> Tuple[int, int]:
+    """A pixel offset (right, down) as whole latent cells, rounded to the nearest, for a picture of
+    ``image_size`` (H, W) stretched over ``cells`` (h, w)."""
+    return int(round(dx * cells[1] / image_size[1])), int(round(dy * cells[0] / image_size[0]))
+
+
 def cell_bbox(cells: torch.Tensor) -> Tuple[int, int, int, int]:
     """(top, left, bottom, right) of a boolean [h, w] cell mask; bottom/right exclusive."""
     rows = torch.nonzero(cells.any(dim=1)).flatten()
@@ -166,8 +172,7 @@ class Layers:
 
     def snap(self, dx_pixels: float, dy_pixels: float) -> Tuple[int, int]:
         """A pixel offset as whole cells (rounded to the nearest)."""
-        py, px = self.cell_pixels()
-        return int(round(dx_pixels / px)), int(round(dy_pixels / py))
+        return snap_offset(dx_pixels, dy_pixels, self.image_size, self.cells)
 
     def replace_objects(self, objects: Sequence[ObjectLayer]) -> "Layers":
         return replace(self, objects=list(objects))

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ..limits import RequestError
-from .layers import Layers, Transform
-from .masks import bbox
+from ..pipeline import stage_c_latent_size
+from .layers import Layers, Transform, shift_cells, snap_offset
+from .masks import bbox, object_cells
 
 KINDS = ("remove", "move", "scale", "flip", "pan", "zoomout")
 OBJECT_KINDS = ("remove", "move", "scale", "flip")
@@ -115,6 +116,12 @@ def check(op: Operation, masks: Sequence[torch.Tensor], size: Tuple[int, int]) -
                     f"move:{op.dx:g},{op.dy:g} moves mask {i} off the canvas: the object spans x {left}..{right}, "
                     f"y {top}..{bottom} of a {width}x{height} picture, so it may move by x {-left}..{width - right} "
                     f"and y {-top}..{height - bottom}")
+            cells = object_cells(mask, stage_c_latent_size(height, width))
+            cdx, cdy = snap_offset(op.dx, op.dy, size, tuple(cells.shape))
+            if int(shift_cells(cells, cdx, cdy).sum()) < int(cells.sum()):
+                raise RequestError(
+                    f"move:{op.dx:g},{op.dy:g} is {cdx}, {cdy} Stage C cells once snapped to whole cells, which "
+                    f"moves mask {i}'s object off the {cells.shape[1]}x{cells.shape[0]}-cell canvas; move it less")
         if op.kind == "scale":
             cy, cx = (top + bottom) / 2, (left + right) / 2
             hh, hw = (bottom - top) * op.factor / 2, (right - left) * op.factor / 2
