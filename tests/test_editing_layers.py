@@ -192,3 +192,27 @@ def test_a_move_that_snaps_off_the_canvas_is_refused():
     operations.check(operations.parse("move:10,0"), [mask], SIZE)  # 0 cells once snapped
     with pytest.raises(RequestError, match="is 1, 0 Stage C cells once snapped.*off the 6x6-cell canvas"):
         operations.check(operations.parse("move:26,0"), [mask], SIZE)  # fits in pixels, not in cells
+
+
+def test_stage_b_mask_is_feathered_and_exactly_zero_away_from_the_edit():
+    from wuerstchen.editing.stage_b import latent_mask
+
+    cells = torch.zeros(6, 6, dtype=torch.bool)
+    cells[0, 0] = True  # one Stage C cell of a 64x64 Stage B latent: latent rows/cols 0..10
+    soft = latent_mask(cells, (64, 64), feather_cells=2)
+    assert soft[:10, :10].eq(1).all()
+    assert 0 < float(soft[5, 12]) < 1  # the ramp just outside the edit
+    assert soft[:, 15:].eq(0).all() and soft[15:, :].eq(0).all()
+
+
+def test_objects_from_another_picture_must_match(parts):
+    from wuerstchen.editing.fusion import with_objects_from
+
+    stage_c, guidance, latent = parts
+    mask = box_mask(SIZE, 0, 0, 86, 86)[0]
+    here = decompose(stage_c, latent, [mask], guidance, FAST, SIZE)
+    other = decompose(stage_c, torch.randn(1, 16, 6, 6), [mask], guidance, FAST, SIZE)
+    assert len(with_objects_from(here, other).objects) == 2
+    fewer = decompose(stage_c, latent, [mask], guidance, EditSettings(steps=4, refine=0), SIZE)
+    with pytest.raises(ValueError, match="same size and steps"):
+        with_objects_from(here, fewer)
