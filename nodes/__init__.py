@@ -3,6 +3,8 @@
 from .conditioning import WuerstchenImageVariation, WuerstchenTextEncode
 from .control import WuerstchenControlNetApply
 from .decode import WuerstchenPreviewDecode, WuerstchenStageADecode
+from .editing import (WuerstchenEditStageBSampler, WuerstchenLayerDecompose, WuerstchenLayerFuse,
+                      WuerstchenLayerTransform)
 from .latents import WuerstchenEmptyLatent, WuerstchenSemanticEncode, WuerstchenStageAEncode
 from .loaders import (
     WuerstchenCheckpointLoader,
@@ -44,6 +46,10 @@ _DISPLAY = {
     WuerstchenSaveLora: "Wuerstchen Save LoRA",
     WuerstchenLossPlot: "Wuerstchen Loss Plot",
     WuerstchenApplyTrainedLora: "Wuerstchen Apply Trained LoRA",
+    WuerstchenLayerDecompose: "Wuerstchen Layer Decompose",
+    WuerstchenLayerTransform: "Wuerstchen Layer Transform",
+    WuerstchenLayerFuse: "Wuerstchen Layer Fuse",
+    WuerstchenEditStageBSampler: "Wuerstchen Edit-aware Stage B Sampler",
 }
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _DISPLAY}

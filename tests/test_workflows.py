@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO / "workflows"
 WORKFLOWS = ("text_to_image", "image_to_image", "image_variation", "lora", "controlnet_canny",
              "controlnet_inpainting", "super_resolution", "checkpoint_text_to_image", "wuerstchen_v2_text_to_image",
-             "wuerstchen_v2_image_to_image", "train_lora")
+             "wuerstchen_v2_image_to_image", "train_lora", "layer_edit")
 EXAMPLE_SIZE = (128, 96)  # width, height of the test's example.png
 SMALL_RUN = {"WuerstchenEmptyLatent.width": 256, "WuerstchenEmptyLatent.height": 256, "steps": 3,
              "WuerstchenTrainStageCLora.resolution": 128}  # the 128x96 example picture fits a 128 bucket
@@ -240,6 +240,7 @@ def _run(env, name, overrides):
     ("wuerstchen_v2_text_to_image", (256, 256)),
     ("wuerstchen_v2_image_to_image", (128, 128)),  # the 128x96 input: a 3x3 prior latent, 4 * int(3 * 10.67) = 128
     ("train_lora", (256, 256)),
+    ("layer_edit", EXAMPLE_SIZE),  # an edit keeps the picture's size
 ])
 def test_workflow_runs(env, name, size):
     result, out_size, pixels = _run(env, name, SMALL_RUN)

@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     from . import cli_train_lora
 
     cli_train_lora.register(sub)
+
+    from . import cli_edit
+    cli_edit.register(sub)
     return p
 
 
