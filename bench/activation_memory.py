@@ -1,9 +1,9 @@
 """Activation memory of one Stage C / Stage B forward and one Stage A decode, against the estimate.
 
-:mod:`wuerstchen.limits` refuses requests whose memory estimate exceeds the machine's, so the
+:mod:`wuerstchen.inputs.limits` refuses requests whose memory estimate exceeds the machine's, so the
 estimate must not guess high. This measures, for the official widths, the peak memory one model
 call adds and divides it by the estimate's unit (rows x tokens x width x element size at the widest
-level, see :class:`wuerstchen.limits.UNetProfile`): the ``factor`` it prints is what
+level, see :class:`wuerstchen.inputs.limits.UNetProfile`): the ``factor`` it prints is what
 ``STAGE_C_ACTIVATIONS`` / ``STAGE_B_ACTIVATIONS`` / ``STAGE_A_ACTIVATIONS`` must stay below.
 
 Activations do not depend on depth (blocks run one after another, inputs freed), so the models
@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wuerstchen import limits  # noqa: E402
-from wuerstchen.configs import STAGE_A, STAGE_B, STAGE_C, official  # noqa: E402
+from wuerstchen.inputs import limits  # noqa: E402
+from wuerstchen.models.configs import STAGE_A, STAGE_B, STAGE_C, official  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 BATCH = 2  # one image with classifier-free guidance

@@ -34,7 +34,7 @@ from wuerstchen.batch.local import LocalRunner  # noqa: E402
 from wuerstchen.batch.manifest import Output  # noqa: E402
 from wuerstchen.batch.run import run_batch  # noqa: E402
 from wuerstchen.batch.worker import Worker  # noqa: E402
-from wuerstchen.tiny import write_tiny_models  # noqa: E402
+from wuerstchen.files.tiny import write_tiny_models  # noqa: E402
 
 FAMILY = "stable_cascade"
 
@@ -44,7 +44,7 @@ def make_jobs(root: Path, n: int, warm: bool = False):
              "width": 64, "height": 64} for i in range(n)]
     path = root / ("warm.jsonl" if warm else "jobs.jsonl")
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = cli._parser().parse_args(["batch", "--models", str(root / "models"), "--prompts", str(path), "--out", "x"])
+    args = cli.build_parser().parse_args(["batch", "--models", str(root / "models"), "--prompts", str(path), "--out", "x"])
     return load_jobs(str(path), str(root / "models"), str(root / "out"), FAMILY, args)
 
 

@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wuerstchen.checkpoints import build_module  # noqa: E402
+from wuerstchen.files.checkpoints import build_module  # noqa: E402
 from wuerstchen.editing.guidance import Guidance  # noqa: E402
 from wuerstchen.editing.inversion import invert, regenerate  # noqa: E402
-from wuerstchen.pipeline import Conditioning  # noqa: E402
-from wuerstchen.tiny import STAGE_C, tiny_state  # noqa: E402
+from wuerstchen.pipeline.stages import Conditioning  # noqa: E402
+from wuerstchen.files.tiny import STAGE_C, tiny_state  # noqa: E402
 
 
 def main(argv=None) -> int:

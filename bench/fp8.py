@@ -23,10 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wuerstchen import configs  # noqa: E402
+from wuerstchen.models import configs  # noqa: E402
 from wuerstchen.models import StageB, StageC  # noqa: E402
 from wuerstchen.models.ops import fp8_weight_names  # noqa: E402
-from wuerstchen.streaming import module_bytes  # noqa: E402
+from wuerstchen.sampling.streaming import module_bytes  # noqa: E402
 
 STORAGE = {"bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 COMPUTE = torch.bfloat16

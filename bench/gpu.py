@@ -39,11 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step import init_std  # noqa: E402  (the random-weight scale shared with bench/step.py)
 
-from wuerstchen import configs, pipeline, tiny  # noqa: E402
-from wuerstchen.checkpoints import CONFIG_METADATA_KEY, build_module  # noqa: E402
-from wuerstchen.management import ModelManager  # noqa: E402
-from wuerstchen.streaming import SimulatedDevice  # noqa: E402
-from wuerstchen.weights_io import save_safetensors  # noqa: E402
+from wuerstchen.models import configs
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.files import tiny  # noqa: E402
+from wuerstchen.files.checkpoints import CONFIG_METADATA_KEY, build_module  # noqa: E402
+from wuerstchen.files.management import ModelManager  # noqa: E402
+from wuerstchen.sampling.streaming import SimulatedDevice  # noqa: E402
+from wuerstchen.storage.weights_io import save_safetensors  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 GIB = 1 << 30

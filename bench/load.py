@@ -4,7 +4,7 @@ Measures time and peak resident memory of loading a full-size Stage C lite (1B p
 bfloat16, ~2 GB) from a random file with the official layout, each method in its own
 subprocess so its peak RSS is its own:
 
-* ``ours``:  ``wuerstchen.checkpoints.load(path)``: identify the file from its header, build
+* ``ours``:  ``wuerstchen.files.checkpoints.load(path)``: identify the file from its header, build
   the model on the meta device, read every tensor straight into its final buffer, assign.
 * ``naive``: what a user writes without a loader: ``StageC(**cfg)`` (real parameter init, fp32),
   ``.to(torch.bfloat16)``, ``safetensors.torch.load_file(path)``, ``load_state_dict(sd)``,
@@ -45,7 +45,7 @@ MB = 2**20
 def stage_c_lite_config() -> dict:
     if MANIFEST.exists():
         return json.loads(MANIFEST.read_text())["config"]
-    from wuerstchen import configs
+    from wuerstchen.models import configs
 
     return configs.official(configs.STAGE_C, "lite")
 
@@ -86,7 +86,7 @@ def write_random_bf16(path: Path, shapes: dict, seed: int = 0) -> None:
 
 
 def cached_file_is_valid(path: Path, shapes: dict) -> bool:
-    from wuerstchen.weights_io import SafetensorsFile, WeightFileError
+    from wuerstchen.storage.weights_io import SafetensorsFile, WeightFileError
 
     if not path.exists():
         return False
@@ -132,7 +132,7 @@ def child(method: str, path: Path) -> dict:
     import safetensors.torch
 
     import wuerstchen  # noqa: F401
-    from wuerstchen import checkpoints
+    from wuerstchen.files import checkpoints
     from wuerstchen.models import StageC
 
     cfg = stage_c_lite_config()
@@ -207,7 +207,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "naive_means": ("StageC(**cfg) real fp32 init -> .to(bfloat16) -> "
                         "load_state_dict(safetensors.torch.load_file(path)) -> eval, no grad"),
-        "ours_means": "wuerstchen.checkpoints.load(path): meta build, tensors read into final buffers, assign=True",
+        "ours_means": "wuerstchen.files.checkpoints.load(path): meta build, tensors read into final buffers, assign=True",
         "repeat": max(1, args.repeat),
         "methods": {m: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in best[m].items()} for m in METHODS},
         "all_seconds": {m: [round(r["seconds"], 3) for r in rs] for m, rs in runs.items()},

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wuerstchen.configs import STAGE_B, STAGE_C, official  # noqa: E402
+from wuerstchen.models.configs import STAGE_B, STAGE_C, official  # noqa: E402
 from wuerstchen.models import StageB, StageC  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

@@ -4,7 +4,7 @@ ComfyUI keeps a list of loaded models (``comfy.model_management``): it counts th
 decides what fits, unloads idle ones (whole, or partly) when its own models need the room, and
 empties the list on "unload models" (``POST /free``) and after an out-of-memory error. Each of
 our networks joins that list as a :class:`NetworkPatcher` whose loading and unloading go to the
-network's :class:`~wuerstchen.streaming.Placement`: the room ComfyUI grants a model that does not
+network's :class:`~wuerstchen.sampling.streaming.Placement`: the room ComfyUI grants a model that does not
 fit becomes the room of its resident blocks (the others stream), and "free this many bytes"
 streams more blocks. ComfyUI never patches our weights (our LoRAs are applied at run time by our
 own code), so these patchers carry no patches. Imported only inside ComfyUI.
@@ -18,8 +18,8 @@ import comfy.model_management as comfy_mm
 from comfy.model_patcher import ModelPatcher
 from torch import nn
 
-from wuerstchen.management import ModelManager, Placer
-from wuerstchen.streaming import Placement
+from wuerstchen.files.management import ModelManager, Placer
+from wuerstchen.sampling.streaming import Placement
 
 #: What ComfyUI asks for when a model may load whole.
 _WHOLE = 1e30

@@ -6,7 +6,7 @@ the nodes translate data. The core takes images [B, 3, H, W] and masks [B, 1, H,
   scale 1), plus the size it was made for and its compression under our own keys.
 * Stage B LATENT: ``{"samples": [B, 4, H/4, W/4]}`` as ComfyUI keeps it, the raw VQGAN encoder
   output, which is the official Stage B latent times 0.43, plus the size it was made for (its
-  sides are rounded up to even, see :func:`wuerstchen.pipeline.stage_b_latent_size`; the decode
+  sides are rounded up to even, see :func:`wuerstchen.pipeline.stages.stage_b_latent_size`; the decode
   crops back to that size).
 * CONDITIONING: ``[[clip_text [1, L, 1280], {"pooled_output": [1, 1280], ...}], ...]``, as
   ComfyUI's own Stable Cascade text encoding, so its conditioning nodes (concat, zero out, ...) keep
@@ -29,9 +29,11 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from wuerstchen import kinds, limits, pipeline
-from wuerstchen.pipeline import Conditioning
-from wuerstchen.pipeline_v2 import V2_STAGE_A_SCALE
+from wuerstchen.files import kinds
+from wuerstchen.inputs import limits
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.pipeline.stages import Conditioning
+from wuerstchen.pipeline.stages_v2 import V2_STAGE_A_SCALE
 
 from .host import NodeError
 
@@ -110,7 +112,7 @@ def stage_c_out(samples: torch.Tensor, size: Tuple[int, int], compression: float
 
 
 def stage_c_size(latent: dict) -> Tuple[Tuple[int, int], float]:
-    """((H, W), compression) a Stage C LATENT stands for (see :func:`wuerstchen.pipeline.output_size`)."""
+    """((H, W), compression) a Stage C LATENT stands for (see :func:`wuerstchen.pipeline.stages.output_size`)."""
     compression = float(latent.get(LATENT_COMPRESSION, pipeline.OFFICIAL_COMPRESSION))
     return pipeline.output_size(tuple(latent["samples"].shape[-2:]), latent.get(LATENT_SIZE), compression), compression
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from wuerstchen import limits, pipeline
+from wuerstchen.inputs import limits
+from wuerstchen.pipeline import stages as pipeline
 
 from . import comfy_types as T
 from . import handles as H

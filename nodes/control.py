@@ -1,6 +1,6 @@
 """ControlNet apply: the core's official input recipe for the loaded ControlNet, as a chainable hint.
 
-The recipe follows the ControlNet (see :mod:`wuerstchen.control`): canny takes a picture (edges are
+The recipe follows the ControlNet (see :mod:`wuerstchen.pipeline.control`): canny takes a picture (edges are
 computed as the official CannyFilter does) or an edge map such as ComfyUI's Canny node makes (used
 as it is); inpainting takes the image and a mask; super-resolution the low-resolution image and
 the semantic compressor.
@@ -8,7 +8,7 @@ the semantic compressor.
 
 from __future__ import annotations
 
-from wuerstchen import control
+from wuerstchen.pipeline import control
 
 from . import comfy_types as T
 from . import handles as H

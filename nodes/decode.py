@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wuerstchen import pipeline
+from wuerstchen.pipeline import stages as pipeline
 
 from . import comfy_types as T
 from . import handles as H

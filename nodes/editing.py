@@ -9,14 +9,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from wuerstchen import kinds, limits, pipeline
+from wuerstchen.files import kinds
+from wuerstchen.inputs import limits
+from wuerstchen.pipeline import stages as pipeline
 from wuerstchen.editing import operations
 from wuerstchen.editing.fusion import EditSettings, decompose, edit_pixels, fuse, with_objects_from
 from wuerstchen.editing.guidance import Guidance
 from wuerstchen.editing.layers import Layers, Transform
 from wuerstchen.editing.masks import as_mask
 from wuerstchen.editing.stage_b import ETA, sample_stage_b_edit
-from wuerstchen.pipeline import Conditioning
+from wuerstchen.pipeline.stages import Conditioning
 
 from . import comfy_types as T
 from . import handles as H

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from wuerstchen.checkpoints import LoadedModel
-from wuerstchen.control import Hint
-from wuerstchen.pipeline import LoraUse
+from wuerstchen.files.checkpoints import LoadedModel
+from wuerstchen.pipeline.control import Hint
+from wuerstchen.pipeline.stages import LoraUse
 
 STAGE_C = "WUERSTCHEN_STAGE_C"
 STAGE_B = "WUERSTCHEN_STAGE_B"

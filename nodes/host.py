@@ -15,8 +15,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from wuerstchen.kinds import KINDS, OWN_FOLDER
-from wuerstchen.management import ManagerHooks, ModelManager
+from wuerstchen.files.kinds import KINDS, OWN_FOLDER
+from wuerstchen.files.management import ManagerHooks, ModelManager
 
 try:  # inside ComfyUI
     import comfy.model_management as comfy_mm
@@ -139,7 +139,7 @@ def _folder_dirs(folder: str) -> List[Path]:
 
 def _list_dir(directory: Path) -> List[str]:
     """Model files below ``directory`` (symlinked files and folders followed, loops cut)."""
-    from wuerstchen.model_files import is_regular_file, walk
+    from wuerstchen.files.model_files import is_regular_file, walk
 
     if not directory.is_dir():
         return []
@@ -158,9 +158,9 @@ def _kinds_in(path: Path) -> Optional[set]:
         return None
     key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _KIND_CACHE:
-        from wuerstchen.checkpoints import inspect
+        from wuerstchen.files.checkpoints import inspect
         from wuerstchen.lora.formats import looks_like_lora
-        from wuerstchen.weights_io import SafetensorsFile
+        from wuerstchen.storage.weights_io import SafetensorsFile
 
         try:
             if path.suffix.lower() in (".safetensors", ".sft"):
@@ -215,7 +215,7 @@ def resolve_model(role: str, name: str) -> Path:
     links are followed. The path is returned as spelled under the folder, so its name and
     suffix are the listed ones, not a link target's (a hub cache blob has no suffix).
     """
-    from wuerstchen.weights_io import WeightFileError, check_regular_file
+    from wuerstchen.storage.weights_io import WeightFileError, check_regular_file
 
     parts = Path(name).parts if name else ()
     if (not name or "\0" in name or name.startswith("(") or os.path.isabs(name) or ".." in parts

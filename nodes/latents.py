@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from wuerstchen import kinds, limits, pipeline, pipeline_v2
+from wuerstchen.files import kinds
+from wuerstchen.inputs import limits
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.pipeline import stages_v2 as pipeline_v2
 
 from . import comfy_types as T
 from . import handles as H

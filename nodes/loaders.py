@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wuerstchen import kinds
-from wuerstchen.checkpoints import CheckpointError, inspect
-from wuerstchen.management import WEIGHT_DTYPES
+from wuerstchen.files import kinds
+from wuerstchen.files.checkpoints import CheckpointError, inspect
+from wuerstchen.files.management import WEIGHT_DTYPES
 
 from . import handles as H
 from .host import NodeError, list_models, manager, resolve_model

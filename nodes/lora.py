@@ -4,7 +4,7 @@ never alters the cache."""
 from __future__ import annotations
 
 from wuerstchen import lora as lora_lib
-from wuerstchen.pipeline import LoraUse
+from wuerstchen.pipeline.stages import LoraUse
 
 from . import comfy_types as T
 from . import handles as H

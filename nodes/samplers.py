@@ -6,9 +6,11 @@ from typing import Optional
 
 import torch
 
-from wuerstchen import kinds, limits, pipeline
-from wuerstchen import pipeline_v2 as v2
-from wuerstchen.sampling import SAMPLERS
+from wuerstchen.files import kinds
+from wuerstchen.inputs import limits
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.pipeline import stages_v2 as v2
+from wuerstchen.sampling.samplers import SAMPLERS
 
 from . import comfy_types as T
 from . import handles as H

@@ -66,7 +66,7 @@ def call_kwargs(call: dict, io) -> dict:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The whole tiny release (every official file name, both families), written once; read-only."""
-    from wuerstchen.tiny import write_tiny_models
+    from wuerstchen.files.tiny import write_tiny_models
 
     root = tmp_path_factory.mktemp("tiny_release")
     write_tiny_models(root)

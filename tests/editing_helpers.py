@@ -2,8 +2,8 @@
 
 import torch
 
-from wuerstchen.cascade import Cascade, CascadeFiles
-from wuerstchen.management import ModelManager
+from wuerstchen.pipeline.cascade import Cascade, CascadeFiles
+from wuerstchen.files.management import ModelManager
 
 
 def tiny_cascade(tiny_dir) -> Cascade:

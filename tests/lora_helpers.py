@@ -27,7 +27,7 @@ def stage_c(parity_stage_c):
 
 @pytest.fixture(scope="module")
 def parity_text_encoder():
-    from wuerstchen.text import CLIPTextEncoder
+    from wuerstchen.text.encoder import CLIPTextEncoder
 
     _, weights, _ = load_parity("clip_text")
     return CLIPTextEncoder.from_state_dict(weights, heads=4)

@@ -13,7 +13,7 @@ from wuerstchen import cli
 from wuerstchen.batch import worker as worker_module
 from wuerstchen.batch.jobs import JobsError, load_jobs
 from wuerstchen.batch.manifest import lines_for
-from wuerstchen.tiny import STAGE_C_LITE, write_tiny_lora
+from wuerstchen.files.tiny import STAGE_C_LITE, write_tiny_lora
 
 FAST = {"width": 64, "height": 64, "c_steps": 2, "b_steps": 1}
 
@@ -40,7 +40,7 @@ def batch(tiny_dir, prompts, out, *extra):
 
 
 def jobs_of(tiny_dir, path, out):
-    args = cli._parser().parse_args(["batch", "--models", str(tiny_dir), "--prompts", str(path), "--out", str(out)])
+    args = cli.build_parser().parse_args(["batch", "--models", str(tiny_dir), "--prompts", str(path), "--out", str(out)])
     return load_jobs(str(path), str(tiny_dir), str(out), "stable_cascade", args)
 
 

@@ -36,7 +36,7 @@ def jobs(tiny_dir, tmp_path_factory):
              "width": 64, "height": 64 if i % 3 else 96} for i in range(JOBS)]
     path = folder / "jobs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = cli._parser().parse_args(["batch", "--models", str(tiny_dir), "--prompts", str(path), "--out", "x"])
+    args = cli.build_parser().parse_args(["batch", "--models", str(tiny_dir), "--prompts", str(path), "--out", "x"])
     return load_jobs(str(path), str(tiny_dir), str(folder / "out"), "stable_cascade", args)
 
 

@@ -17,8 +17,11 @@ import pytest
 import torch
 
 from conftest import MANIFEST_DIR, REPO_ROOT, load_manifest
-from wuerstchen import checkpoints, kinds, tiny, weights_io
-from wuerstchen.checkpoints import CheckpointError
+from wuerstchen.files import checkpoints
+from wuerstchen.files import kinds
+from wuerstchen.files import tiny
+from wuerstchen.storage import weights_io
+from wuerstchen.files.checkpoints import CheckpointError
 
 # manifest -> (kind, variant)
 OFFICIAL = {
@@ -490,7 +493,7 @@ def test_reader_casts_tensor_by_tensor_without_keeping_file_buffers(fp32_50mb, m
 
 _PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from wuerstchen.weights_io import SafetensorsFile
+    from wuerstchen.storage.weights_io import SafetensorsFile
 
     def status(field):
         for line in open("/proc/self/status"):
@@ -525,9 +528,9 @@ def test_diffusers_vqgan_codebook_name_loads_as_stage_a(tmp_path):
     """stable-cascade's vqgan/ folder (diffusers layout) names the codebook vquantizer.embedding."""
     import json as _json
 
-    from wuerstchen import checkpoints as ck
-    from wuerstchen import tiny as _tiny
-    from wuerstchen.weights_io import save_safetensors as _save
+    from wuerstchen.files import checkpoints as ck
+    from wuerstchen.files import tiny as _tiny
+    from wuerstchen.storage.weights_io import save_safetensors as _save
 
     manifest = _json.loads((MANIFEST_DIR / "wuerstchen_v2_vqgan.json").read_text())
     shapes = {k: tuple(v[0]) for k, v in manifest["keys"].items()}

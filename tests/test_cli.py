@@ -8,9 +8,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from wuerstchen import cli
-from wuerstchen.management import ModelManager
+
+from wuerstchen.options import generate as options
+from wuerstchen.files.management import ModelManager
 from wuerstchen.models.stage_c import StageC
-from wuerstchen.text import CLIPTextEncoder
+from wuerstchen.text.encoder import CLIPTextEncoder
 
 OUT_PROJ = "down_blocks.0.2.attention.attn.out_proj.weight"  # a module both tiny LoRAs patch
 TEXT_OUT_PROJ = "text_model.encoder.layers.0.self_attn.out_proj.weight"
@@ -172,17 +174,17 @@ def test_usage_errors_are_one_line_before_any_model_loads(tiny_dir, pictures, tm
     ("canny=PICTURE:0.7:0.2:0.6", (0.7, 0.2, 0.6)),
 ])
 def test_control_strength_and_range(pictures, spec, expected):
-    control = cli.parse_control(spec.replace("PICTURE", str(pictures / "square.png")), None)
+    control = options.parse_control(spec.replace("PICTURE", str(pictures / "square.png")), None)
     assert control.kind == "canny" and control.image.shape == (1, 3, 64, 64)
     assert (control.strength, control.start, control.end) == expected
 
 
 def test_lora_strengths(tiny_dir):
     path = tiny_dir / "wuerstchen_tiny_lora_kohya.safetensors"
-    assert (cli.parse_lora(str(path)).model_strength, cli.parse_lora(str(path)).text_strength) == (1.0, 1.0)
-    use = cli.parse_lora(f"{path}:0.5")
+    assert (options.parse_lora(str(path)).model_strength, options.parse_lora(str(path)).text_strength) == (1.0, 1.0)
+    use = options.parse_lora(f"{path}:0.5")
     assert (use.model_strength, use.text_strength) == (0.5, 0.5)
-    use = cli.parse_lora(f"{path}:0.5:-1")
+    use = options.parse_lora(f"{path}:0.5:-1")
     assert (use.model_strength, use.text_strength) == (0.5, -1.0)
 
 
@@ -206,7 +208,7 @@ def test_the_cli_says_what_a_lora_applies_and_refuses_one_for_another_model(tiny
 
     from safetensors.torch import save_file
 
-    from wuerstchen.tiny import STAGE_C, write_tiny_lora
+    from wuerstchen.files.tiny import STAGE_C, write_tiny_lora
 
     partial = write_tiny_lora(None, "kohya", STAGE_C, seed=4)
     partial["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(2, 8)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import PARITY_DIR, load_manifest, load_parity
 
-from wuerstchen.preprocess import (PIPELINES, clip_preprocess, clip_preprocess_official,
+from wuerstchen.inputs.preprocess import (PIPELINES, clip_preprocess, clip_preprocess_official,
                                    short_side_size)
-from wuerstchen.text import (BIGG14_TEXT_CONFIG, CLIPTextEncoder, config_from_state_dict,
+from wuerstchen.text.encoder import (BIGG14_TEXT_CONFIG, CLIPTextEncoder, config_from_state_dict,
                              convert_text_state_dict, tokenize)
-from wuerstchen.tokenizer import CLIPTokenizer, parse_prompt_weights
-from wuerstchen.vision import (VITL14_VISION_CONFIG, CLIPVisionEncoder,
+from wuerstchen.text.tokenizer import CLIPTokenizer, parse_prompt_weights
+from wuerstchen.text.vision import (VITL14_VISION_CONFIG, CLIPVisionEncoder,
                                vision_config_from_state_dict)
 
 TOKENIZER_CASES = json.loads((PARITY_DIR / "tokenizer_cases.json").read_text())["cases"]

@@ -18,7 +18,7 @@ import types
 import pytest
 import torch
 
-from wuerstchen.tiny import write_tiny_models
+from wuerstchen.files.tiny import write_tiny_models
 
 
 class _Interrupted(Exception):
@@ -236,8 +236,8 @@ def test_nodes_run_with_comfy_devices_progress_and_cancel(in_comfy):
 
 def _managed(nodes, mm):
     """A fresh pack manager answering to ComfyUI, on a stand-in device that counts its bytes."""
-    from wuerstchen.management import ModelManager
-    from wuerstchen.streaming import SimulatedDevice
+    from wuerstchen.files.management import ModelManager
+    from wuerstchen.sampling.streaming import SimulatedDevice
 
     sim = SimulatedDevice()
     mgr = ModelManager(hooks=nodes.host.ComfyHooks(), transfers=lambda device, offload: sim)
@@ -258,7 +258,7 @@ def _listed(mm):
 
 
 def test_our_networks_are_loaded_models_of_comfyui_and_unload_models_frees_them(in_comfy):
-    from wuerstchen.streaming import module_bytes
+    from wuerstchen.sampling.streaming import module_bytes
 
     nodes, events, mm = in_comfy
     mgr, sim = _managed(nodes, mm)

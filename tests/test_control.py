@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wuerstchen import control, pipeline, tiny
-from wuerstchen.control import ControlSchedule, Hint, active_steps, canny_edges
+from wuerstchen.pipeline import control
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.files import tiny
+from wuerstchen.pipeline.control import ControlSchedule, Hint, active_steps, canny_edges
 from wuerstchen.models import ControlNet, EfficientNetEncoder
-from wuerstchen.pipeline import Conditioning, StageCSettings
-from wuerstchen.sampling import SAMPLERS
+from wuerstchen.pipeline.stages import Conditioning, StageCSettings
+from wuerstchen.sampling.samplers import SAMPLERS
 
 
 def _randomize_zeros(module, seed):
@@ -279,7 +281,7 @@ def test_control_images_must_fit_the_batch(nets):
 def test_the_sampling_loop_asks_step_inputs_at_every_step():
     """A StepInput gets (step, steps) before each model call; its value is batched like any input
     (shared by both CFG halves when only cond has it) and reused while the same object comes back."""
-    from wuerstchen import sampling
+    from wuerstchen.sampling import samplers as sampling
 
     asked = []
 

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from editing_helpers import tiny_cascade
-from wuerstchen import sampling
+from wuerstchen.sampling import samplers as sampling
 from wuerstchen.editing import attention_mask
 from wuerstchen.editing.denoise import denoise
 from wuerstchen.editing.guidance import Guidance
 from wuerstchen.editing.inversion import invert, regenerate, round_trip_error
 from wuerstchen.models import blocks
-from wuerstchen.schedule import step_schedule
+from wuerstchen.sampling.schedule import step_schedule
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from wuerstchen import cli
-from wuerstchen.management import ModelManager
+from wuerstchen.files.management import ModelManager
 
 FAST = ["--steps", "6", "--refine", "1", "--b-steps", "2"]
 

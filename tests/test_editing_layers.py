@@ -5,15 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from editing_helpers import box_mask, picture, tiny_cascade
-from wuerstchen import pipeline
+from wuerstchen.pipeline import stages as pipeline
 from wuerstchen.editing import operations
 from wuerstchen.editing.editor import EditRequest, LayeredEditor
 from wuerstchen.editing.fusion import EditSettings, composite, decompose, fill_background, fuse
 from wuerstchen.editing.guidance import Guidance
 from wuerstchen.editing.layers import Transform, flip_box, scaled_source, shift_cells
 from wuerstchen.editing.masks import as_mask, feather, hole_cells, object_cells
-from wuerstchen.limits import RequestError
-from wuerstchen.pipeline import StageBSettings
+from wuerstchen.inputs.limits import RequestError
+from wuerstchen.pipeline.stages import StageBSettings
 
 SIZE = (256, 256)  # 6x6 Stage C cells of 42.7 pixels, a 64x64 Stage B latent
 FAST = EditSettings(steps=8, refine=1)

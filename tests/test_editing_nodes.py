@@ -7,8 +7,8 @@ from editing_helpers import box_mask, picture
 from node_helpers import load, run
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes.host import NodeError
-from wuerstchen import tiny
-from wuerstchen.management import ModelManager
+from wuerstchen.files import tiny
+from wuerstchen.files.management import ModelManager
 
 SIZE = (256, 256)
 EDITING = ("WuerstchenLayerDecompose", "WuerstchenLayerTransform", "WuerstchenLayerFuse",

@@ -9,8 +9,8 @@ import torch
 from conftest import load_parity
 from safetensors.torch import save_file
 
-from wuerstchen.embeddings import EmbeddingError, EmbeddingFolders, read_embedding_file
-from wuerstchen.text import CLIPTextEncoder
+from wuerstchen.text.embeddings import EmbeddingError, EmbeddingFolders, read_embedding_file
+from wuerstchen.text.encoder import CLIPTextEncoder
 
 WIDTH = 24
 

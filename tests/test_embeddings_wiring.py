@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 from nodes import NODE_CLASS_MAPPINGS, host
-from wuerstchen import cli, tiny
-from wuerstchen.cascade import Cascade, CascadeFiles
-from wuerstchen.management import ModelManager
+from wuerstchen import cli
+from wuerstchen.files import tiny
+from wuerstchen.pipeline.cascade import Cascade, CascadeFiles
+from wuerstchen.files.management import ModelManager
 
 
 @pytest.fixture(scope="module")

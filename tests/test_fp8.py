@@ -8,13 +8,14 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import call_kwargs, load_parity
-from wuerstchen import pipeline, tiny
-from wuerstchen.checkpoints import load as load_file
-from wuerstchen.management import ModelManager
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.files import tiny
+from wuerstchen.files.checkpoints import load as load_file
+from wuerstchen.files.management import ModelManager
 from wuerstchen.models import StageB, StageC
 from wuerstchen.models.ops import FP8_DTYPES, fp8_weight_names
-from wuerstchen.streaming import module_bytes
-from wuerstchen.weights_io import SafetensorsFile
+from wuerstchen.sampling.streaming import module_bytes
+from wuerstchen.storage.weights_io import SafetensorsFile
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -168,7 +169,8 @@ def test_a_lora_on_fp8_weights_keeps_its_change_in_the_compute_dtype(tiny_dir, t
     """Patched fp8 weights are held in the compute dtype (rounding them back to 8 bits would lose most
     of a LoRA): each equals the fp8 base plus the change the same LoRA makes to a float32 model, to
     bfloat16 rounding; unpatching restores the fp8 tensors."""
-    from wuerstchen import lora, tiny
+    from wuerstchen import lora
+    from wuerstchen.files import tiny
 
     path = tmp_path / "lora.safetensors"
     tiny.write_tiny_lora(path, "kohya", tiny.STAGE_C, rank=2, seed=5)

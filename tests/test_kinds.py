@@ -4,9 +4,12 @@ node host read: each consumer is checked against the table, not against a second
 import pytest
 import torch
 
-from wuerstchen import checkpoints, kinds, tiny, v2_layouts
-from wuerstchen.cascade import CascadeFiles, MissingWeightsError
-from wuerstchen.weights_io import WeightSource
+from wuerstchen.files import checkpoints
+from wuerstchen.files import kinds
+from wuerstchen.files import tiny
+from wuerstchen.files import v2_layouts
+from wuerstchen.pipeline.cascade import CascadeFiles, MissingWeightsError
+from wuerstchen.storage.weights_io import WeightSource
 
 
 def test_every_official_file_is_written_and_detected_as_its_kind(tiny_dir):
@@ -106,7 +109,7 @@ def test_node_folders_come_from_the_table():
 
 
 def test_fp16_guard_is_switched_on_for_the_kinds_that_need_it(tiny_dir):
-    from wuerstchen.management import ModelManager
+    from wuerstchen.files.management import ModelManager
 
     mgr = ModelManager(cache_budget=None)
     for name, kind in kinds.KINDS.items():

@@ -2,7 +2,7 @@
 
 Each refusal test makes the model forwards (or the model loading) fail, so a refusal that came
 late, after sampling had started, fails the test too. Sizes and steps are tiny: the tiny
-checkpoints of :mod:`wuerstchen.tiny`, 1-2 steps, 64-264 pixels.
+checkpoints of :mod:`wuerstchen.files.tiny`, 1-2 steps, 64-264 pixels.
 """
 
 import math
@@ -17,17 +17,23 @@ from PIL import Image
 
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes.host import NodeError
-from wuerstchen import cli, control, limits, pipeline, preprocess, tiny
-from wuerstchen.cascade import Cascade, CascadeFiles
-from wuerstchen.checkpoints import load
-from wuerstchen.limits import NonFiniteError, RequestError
-from wuerstchen.management import ModelManager
+from wuerstchen import cli
+from wuerstchen.options import generate as options
+from wuerstchen.pipeline import control
+from wuerstchen.inputs import limits
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.inputs import preprocess
+from wuerstchen.files import tiny
+from wuerstchen.pipeline.cascade import Cascade, CascadeFiles
+from wuerstchen.files.checkpoints import load
+from wuerstchen.inputs.limits import NonFiniteError, RequestError
+from wuerstchen.files.management import ModelManager
 from wuerstchen.models.controlnet import ControlNet
 from wuerstchen.models.effnet import EfficientNetEncoder
 from wuerstchen.models.stage_a import StageA
 from wuerstchen.models.stage_b import StageB
 from wuerstchen.models.stage_c import StageC
-from wuerstchen.pipeline import StageBSettings, StageCSettings
+from wuerstchen.pipeline.stages import StageBSettings, StageCSettings
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +228,8 @@ def test_a_huge_latent_is_refused_before_it_is_allocated(cascade, prompts, no_fo
 
 
 def test_the_estimate_scales_with_the_request_and_is_modest_for_the_official_one():
-    from wuerstchen import configs
-    from wuerstchen.checkpoints import build_module
+    from wuerstchen.models import configs
+    from wuerstchen.files.checkpoints import build_module
 
     with torch.device("meta"):
         sc = build_module("stage_c", configs.official(configs.STAGE_C, "full"))
@@ -280,16 +286,16 @@ def _write_png16(path, array):
 def test_16_bit_and_float_pictures_keep_their_values(tmp_path):
     grey = (np.arange(32 * 48).reshape(32, 48) * 40).astype(np.uint16)  # 0 .. 61400 of 65535
     _write_png16(tmp_path / "g16.png", grey)
-    img = cli._load_image(str(tmp_path / "g16.png"))
+    img = options._load_image(str(tmp_path / "g16.png"))
     assert img.shape == (1, 3, 32, 48)
     expected = torch.from_numpy(grey.astype(np.float32) / 65535.0)
     assert torch.allclose(img[0, 0], expected, atol=1e-6) and torch.equal(img[0, 0], img[0, 2])
-    mask = cli._load_image(str(tmp_path / "g16.png"), "L", "--mask")
+    mask = options._load_image(str(tmp_path / "g16.png"), "L", "--mask")
     assert mask.shape == (1, 1, 32, 48) and torch.allclose(mask[0, 0], expected, atol=1e-6)
 
     values = np.linspace(0, 1, 32 * 48, dtype=np.float32).reshape(32, 48)
     Image.fromarray(values).save(tmp_path / "f.tiff")
-    img = cli._load_image(str(tmp_path / "f.tiff"))
+    img = options._load_image(str(tmp_path / "f.tiff"))
     assert torch.allclose(img[0, 1], torch.from_numpy(values), atol=1e-6)
     # the CLIP preprocessing reads pictures the same way
     with Image.open(tmp_path / "g16.png") as picture:
@@ -299,7 +305,7 @@ def test_16_bit_and_float_pictures_keep_their_values(tmp_path):
 def test_8_bit_pictures_read_as_before(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    img = cli._load_image(str(tmp_path / "rgb.png"))
+    img = options._load_image(str(tmp_path / "rgb.png"))
     assert torch.equal(img[0], torch.from_numpy(rgb).float().permute(2, 0, 1) / 255.0)
 
 

@@ -18,7 +18,7 @@ from wuerstchen.lora import (
     patched_tensors,
 )
 from wuerstchen.models.stage_c import StageC
-from wuerstchen.tiny import write_tiny_lora
+from wuerstchen.files.tiny import write_tiny_lora
 
 def expected_lowrank(base, up, down, coef, rows=None, broadcast=False):
     """Independent reference: base + coef * (up @ down), in float32, cast back."""
@@ -389,7 +389,7 @@ def test_lora_for_a_different_stage_c_size_is_refused(stage_c, parity_stage_c):
 
 
 def test_full_size_lora_on_lite_model_says_which_is_which():
-    from wuerstchen.configs import STAGE_C
+    from wuerstchen.models.configs import STAGE_C
 
     # Attention-only LoRA for the 3.6B model, written from meta shapes (no weights needed).
     with torch.device("meta"):

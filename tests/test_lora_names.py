@@ -106,7 +106,7 @@ def test_name_tables_come_from_the_models():
 def test_a_stray_sdxl_key_no_longer_refuses_a_stage_c_file(stage_c, tmp_path, caplog):
     from safetensors.torch import save_file
 
-    from wuerstchen.tiny import write_tiny_lora
+    from wuerstchen.files.tiny import write_tiny_lora
 
     tensors = write_tiny_lora(None, "kohya", stage_c)
     tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(2, 8)
@@ -135,7 +135,7 @@ def test_a_file_with_only_foreign_keys_is_still_refused():
 def test_lycoris_and_diff_only_files_are_recognised_as_loras(tmp_path):
     """A file of LoHa or plain diffs has no lora_* key: it is still listed as a LoRA and a model loader
     still says it is one; a model with one odd key is not mistaken for a LoRA."""
-    from wuerstchen import checkpoints
+    from wuerstchen.files import checkpoints
     from wuerstchen.lora.formats import looks_like_lora
 
     loha = {f"lora_unet_down_blocks_0_1_channelwise_0.hada_w{i}_{ab}": (2, 4) for i in (1, 2) for ab in "ab"}

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes.host import NodeError
-from wuerstchen import tiny
-from wuerstchen.management import ModelManager
+from wuerstchen.files import tiny
+from wuerstchen.files.management import ModelManager
 
 
 @pytest.fixture(scope="module")

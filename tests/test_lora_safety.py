@@ -7,7 +7,7 @@ from lora_helpers import (TEXT_CONFIG, assert_same, parity_stage_c, parity_text_
                           stage_c, text_encoder)
 
 from wuerstchen.lora import LoraError, LoraFile, TokenEmbedding, apply_loras, check_lora, load_lora, parse_lora
-from wuerstchen.tiny import write_tiny_lora
+from wuerstchen.files.tiny import write_tiny_lora
 
 PROMPT = "a photo of tinytoken_0 and tinytoken_1 at night"
 

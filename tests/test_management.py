@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from wuerstchen import tiny
-from wuerstchen.checkpoints import CheckpointError
-from wuerstchen.management import ModelManager, module_bytes
+from wuerstchen.files import tiny
+from wuerstchen.files.checkpoints import CheckpointError
+from wuerstchen.files.management import ModelManager, module_bytes
 
 
 def test_one_file_one_dtype_is_one_module_whatever_kinds_are_asked(tiny_dir):

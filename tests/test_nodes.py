@@ -15,9 +15,10 @@ from node_helpers import load, run
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
 from nodes.host import NodeError
 from wuerstchen import lora as lora_lib
-from wuerstchen import control, pipeline
-from wuerstchen import tiny
-from wuerstchen.management import ModelManager
+from wuerstchen.pipeline import control
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.files import tiny
+from wuerstchen.files.management import ModelManager
 
 SIZE = 256  # the Empty Latent's minimum: 6x6 Stage C latent, 64x64 Stage B latent
 STEPS = 2

@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from wuerstchen import pipeline
-from wuerstchen.cascade import Cascade, CascadeFiles, MissingWeightsError, scan_models
-from wuerstchen.management import ModelManager
-from wuerstchen.pipeline import StageBSettings, StageCSettings
-from wuerstchen.sampling import SAMPLERS
-from wuerstchen.tiny import write_tiny_models
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.pipeline.cascade import Cascade, CascadeFiles, MissingWeightsError, scan_models
+from wuerstchen.files.management import ModelManager
+from wuerstchen.pipeline.stages import StageBSettings, StageCSettings
+from wuerstchen.sampling.samplers import SAMPLERS
+from wuerstchen.files.tiny import write_tiny_models
 
 FAST_C = StageCSettings(steps=3)
 FAST_B = StageBSettings(steps=2)
@@ -169,8 +169,8 @@ def test_manager_offloads_right_after_running_in_low_vram_mode(tiny_dir, monkeyp
 
 
 def test_interrupt_hook_stops_generation_within_a_step(tiny_dir):
-    from wuerstchen.management import ManagerHooks
-    from wuerstchen.sampling import SamplingInterrupted
+    from wuerstchen.files.management import ManagerHooks
+    from wuerstchen.sampling.samplers import SamplingInterrupted
 
     class StopAfterTwo(ManagerHooks):
         calls = 0

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from wuerstchen.tokenizer import PROMPT_WEIGHT_LIMIT, parse_prompt_weights, split_embedding_refs
+from wuerstchen.text.tokenizer import PROMPT_WEIGHT_LIMIT, parse_prompt_weights, split_embedding_refs
 
 CLOSE = {"(": ")", "[": "]"}
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import load_parity
-from wuerstchen.sampling import (SAMPLERS, SamplingInterrupted, batch_conditioning, guide, noise_to, sample,
+from wuerstchen.sampling.samplers import (SAMPLERS, SamplingInterrupted, batch_conditioning, guide, noise_to, sample,
                                  sample_steps)
-from wuerstchen.schedule import CosineSchedule, img2img_steps, step_schedule, time_grid, vp_scalers
+from wuerstchen.sampling.schedule import CosineSchedule, img2img_steps, step_schedule, time_grid, vp_scalers
 
 VECTORS = ["sampling_stage_c", "sampling_stage_c_rho0", "sampling_stage_c_img2img", "sampling_stage_b"]
 
@@ -221,7 +221,7 @@ def test_batch_conditioning_pairs_lists_shared_and_missing_inputs():
 
 
 def test_cfg_one_skips_uncond_and_matches_batched_math():
-    from wuerstchen.sampling import _GuidedModel
+    from wuerstchen.sampling.samplers import _GuidedModel
 
     calls = []
 

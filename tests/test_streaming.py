@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from conftest import load_parity
-from wuerstchen import pipeline, tiny
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.files import tiny
 from wuerstchen.lora import apply_loras, load_lora
-from wuerstchen.tiny import write_tiny_lora
-from wuerstchen.management import ModelManager
+from wuerstchen.files.tiny import write_tiny_lora
+from wuerstchen.files.management import ModelManager
 from wuerstchen.models.stage_c import StageC
-from wuerstchen.streaming import Placement, SimulatedDevice, Transfers
+from wuerstchen.sampling.streaming import Placement, SimulatedDevice, Transfers
 
 
 def _parity_model(name):
@@ -223,7 +224,8 @@ def test_a_lora_on_a_streamed_stage_is_exact_and_unpatches_cleanly(tiny_dir, tmp
 
 
 def test_cli_vram_budget_and_fp8_reach_the_manager(tiny_dir, tmp_path, monkeypatch):
-    from wuerstchen import cli, management
+    from wuerstchen import cli
+    from wuerstchen.files import management
 
     made = []
 

@@ -20,10 +20,10 @@ def _train(tiny_dir, data, out, *extra):
 
 
 def test_loss_falls_and_the_lora_changes_the_image(tiny_dir, pictures, tmp_path, capsys):
-    from wuerstchen.cascade import Cascade, CascadeFiles
+    from wuerstchen.pipeline.cascade import Cascade, CascadeFiles
     from wuerstchen.lora import load_lora
-    from wuerstchen.management import ModelManager
-    from wuerstchen.pipeline import LoraUse, StageBSettings, StageCSettings
+    from wuerstchen.files.management import ModelManager
+    from wuerstchen.pipeline.stages import LoraUse, StageBSettings, StageCSettings
 
     out, log = tmp_path / "my_lora.safetensors", tmp_path / "loss.jsonl"
     assert _train(tiny_dir, pictures, out, "--steps", "200", "--seed", "0", "--log", str(log),

@@ -133,7 +133,7 @@ def test_checkpointing_gives_the_same_gradients(models, data):
 
 def test_saved_file_loads_with_the_trained_weights(models, data, tmp_path):
     from wuerstchen.lora import load_lora
-    from wuerstchen.pipeline import LoraUse, stage_c_loras, text_loras
+    from wuerstchen.pipeline.stages import LoraUse, stage_c_loras, text_loras
 
     stage_c, text, _ = models
     trainer = LoraTrainer(stage_c, text, data, TrainConfig(steps=3, resolution=128, lr=1e-2,
@@ -219,7 +219,7 @@ def test_bf16_autocast_trains_with_float32_master_weights(models, data):
 
 
 def test_learned_tokens_start_as_the_official_trainer_starts_them(models):
-    from wuerstchen.tokenizer import CLIPTokenizer
+    from wuerstchen.text.tokenizer import CLIPTokenizer
     from wuerstchen.train import LearnedTokens, TokenSpec
 
     text = models[1]

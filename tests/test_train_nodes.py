@@ -10,8 +10,8 @@ import nodes.train as train_nodes
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes.host import NodeError
 from wuerstchen.lora import load_lora
-from wuerstchen.management import ModelManager
-from wuerstchen.pipeline import stage_c_loras
+from wuerstchen.files.management import ModelManager
+from wuerstchen.pipeline.stages import stage_c_loras
 
 SETTINGS = dict(steps=[12], rank=[2], learning_rate=[1e-2], batch_size=[2], grad_accumulation=[1],
                 resolution=[128], seed=[0], gradient_checkpointing=[True])

@@ -8,12 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from wuerstchen import checkpoints, cli, kinds, tiny
-from wuerstchen import pipeline_v2 as v2
-from wuerstchen.cascade import CascadeFiles, MissingWeightsError
-from wuerstchen.cascade_v2 import CascadeV2
-from wuerstchen.management import ModelManager
-from wuerstchen.weights_io import save_safetensors
+from wuerstchen.files import checkpoints
+from wuerstchen import cli
+from wuerstchen.options import generate as options
+from wuerstchen.files import kinds
+from wuerstchen.files import tiny
+from wuerstchen.pipeline import stages_v2 as v2
+from wuerstchen.pipeline.cascade import CascadeFiles, MissingWeightsError
+from wuerstchen.pipeline.cascade_v2 import CascadeV2
+from wuerstchen.files.management import ModelManager
+from wuerstchen.storage.weights_io import save_safetensors
 
 SIZE = 128
 FEW = dict(prior=v2.PriorSettings(steps=3), decoder=v2.DecoderSettings(steps=2))
@@ -202,16 +206,16 @@ def test_an_incomplete_other_family_is_named_when_one_is_picked(tmp_path):
 
 
 def test_cli_defaults_are_each_familys_official_ones():
-    from wuerstchen.pipeline import StageBSettings, StageCSettings
+    from wuerstchen.pipeline.stages import StageBSettings, StageCSettings
 
     def parsed(*extra):
-        return cli._parser().parse_args(["generate", "--prompt", "p", "--models", "m", "--out", "o", *extra])
+        return cli.build_parser().parse_args(["generate", "--prompt", "p", "--models", "m", "--out", "o", *extra])
 
-    prior, decoder, denoise = cli.v2_settings(parsed())
+    prior, decoder, denoise = options.v2_settings(parsed())
     assert prior.steps is None and prior.cfg == 4.0 and prior.grid().numel() == 30  # the hub's 29-step grid
     assert (decoder.steps, decoder.cfg, denoise) == (12, 0.0, 1.0)
-    prior, decoder, denoise = cli.v2_settings(parsed("--c-steps", "60", "--b-cfg", "2", "--image", "x.png"), True)
-    assert prior.grid().numel() == 61 and decoder.cfg == 2.0 and denoise == cli.IMG2IMG_DENOISE
-    with pytest.raises(cli.UsageError, match="--b-steps must be a whole number at least 1"):
-        cli.v2_settings(parsed("--b-steps", "0"))
-    assert cli._parse_settings(parsed(), image_given=False) == (StageCSettings(), StageBSettings())
+    prior, decoder, denoise = options.v2_settings(parsed("--c-steps", "60", "--b-cfg", "2", "--image", "x.png"), True)
+    assert prior.grid().numel() == 61 and decoder.cfg == 2.0 and denoise == options.IMG2IMG_DENOISE
+    with pytest.raises(options.UsageError, match="--b-steps must be a whole number at least 1"):
+        options.v2_settings(parsed("--b-steps", "0"))
+    assert options._parse_settings(parsed(), image_given=False) == (StageCSettings(), StageBSettings())

@@ -6,7 +6,7 @@ import torch
 from conftest import MANIFEST_DIR, load_manifest, load_parity, load_v2
 from wuerstchen.models import EfficientNetEncoder, WuerstchenDiffNeXt, WuerstchenPrior
 from wuerstchen.models.wuerstchen_v2 import fuse_attention_keys
-from wuerstchen.v2_layouts import (V2_CONTAINERS, detect_v2, detect_v2_decoder, detect_v2_prior, detect_v2_text,
+from wuerstchen.files.v2_layouts import (V2_CONTAINERS, detect_v2, detect_v2_decoder, detect_v2_prior, detect_v2_text,
                                    key_spelling)
 
 BUILDERS = {"prior": WuerstchenPrior, "decoder": WuerstchenDiffNeXt}

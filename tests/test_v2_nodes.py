@@ -11,9 +11,10 @@ import torch
 from node_helpers import load, run
 from nodes import NODE_CLASS_MAPPINGS, host
 from nodes.host import NodeError
-from wuerstchen import pipeline, tiny
-from wuerstchen import pipeline_v2 as v2
-from wuerstchen.management import ModelManager
+from wuerstchen.pipeline import stages as pipeline
+from wuerstchen.files import tiny
+from wuerstchen.pipeline import stages_v2 as v2
+from wuerstchen.files.management import ModelManager
 from wuerstchen.models.effnet import v2_effnet_to_raw
 
 SIZE = 256  # the Empty Latent's minimum: a 6x6 prior latent, a 64x64 decoder latent

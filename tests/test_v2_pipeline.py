@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import load_v2, load_v2_file, recorded_seed
-from wuerstchen import pipeline_v2 as v2
+from wuerstchen.pipeline import stages_v2 as v2
 from wuerstchen.models import EfficientNetEncoder, StageA, WuerstchenDiffNeXt, WuerstchenPrior
 from wuerstchen.models.effnet import v2_effnet_to_raw
 from wuerstchen.models.stage_a import stage_a_config_from_diffusers
-from wuerstchen.pipeline import semantic_input
-from wuerstchen.text import CLIPTextEncoder, tokenize
+from wuerstchen.pipeline.stages import semantic_input
+from wuerstchen.text.encoder import CLIPTextEncoder, tokenize
 
 
 def rel_err(ours, ref):

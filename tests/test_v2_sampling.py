@@ -5,8 +5,8 @@ import torch
 
 from conftest import load_v2, load_v2_file, recorded_seed
 from wuerstchen.models import WuerstchenDiffNeXt, WuerstchenPrior
-from wuerstchen.sampling import noise_to_v2, sample_v2
-from wuerstchen.schedule_v2 import (ORIGINAL_PRIOR_SEGMENTS, alpha_cumprod, check_timesteps, default_prior_timesteps,
+from wuerstchen.sampling.samplers import noise_to_v2, sample_v2
+from wuerstchen.sampling.schedule_v2 import (ORIGINAL_PRIOR_SEGMENTS, alpha_cumprod, check_timesteps, default_prior_timesteps,
                                     segmented_timesteps, uniform_timesteps)
 
 VECTORS = ["v2_sampling_prior", "v2_sampling_decoder", "v2_sampling_decoder_cfg", "v2_sampling_prior_diffuzz"]

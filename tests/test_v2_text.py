@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import V2_DIR, load_v2
-from wuerstchen.text import (V2_DECODER_TEXT_CONFIG, V2_PRIOR_TEXT_CONFIG, CLIPTextEncoder, config_from_state_dict,
+from wuerstchen.text.encoder import (V2_DECODER_TEXT_CONFIG, V2_PRIOR_TEXT_CONFIG, CLIPTextEncoder, config_from_state_dict,
                              tokenize)
-from wuerstchen.v2_layouts import detect_v2_text
+from wuerstchen.files.v2_layouts import detect_v2_text
 
 TOWERS = ["v2_clip_text_prior", "v2_clip_text_decoder"]
 CASES = json.loads((V2_DIR / "v2_tokenizer_cases.json").read_text())["cases"]

@@ -23,11 +23,16 @@ from safetensors.torch import load_file
 
 from nodes import host
 from nodes.host import NodeError
-from wuerstchen import checkpoints, cli, lora, safetensors_header, tiny, weights_io
-from wuerstchen.cascade import scan_models
-from wuerstchen.checkpoints import CheckpointError
-from wuerstchen.management import ModelManager
-from wuerstchen.model_files import SkippedFile
+from wuerstchen import lora
+from wuerstchen.files import checkpoints
+from wuerstchen import cli
+from wuerstchen.storage import safetensors_header
+from wuerstchen.files import tiny
+from wuerstchen.storage import weights_io
+from wuerstchen.pipeline.cascade import scan_models
+from wuerstchen.files.checkpoints import CheckpointError
+from wuerstchen.files.management import ModelManager
+from wuerstchen.files.model_files import SkippedFile
 
 D8 = b"\0" * 8
 
@@ -544,7 +549,8 @@ def test_names_not_in_the_list_are_still_refused(node_models, name):
 
 def test_a_truncated_model_is_reported_as_truncated_not_missing(tmp_path, capsys):
     """The CLI's missing-weights message names the unusable file and why, under the kind it holds."""
-    from wuerstchen import cli, tiny
+    from wuerstchen import cli
+    from wuerstchen.files import tiny
 
     models = tmp_path / "models"
     tiny.write_tiny_models(models)

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from nodes import NODE_CLASS_MAPPINGS, host
-from wuerstchen.management import ModelManager
-from wuerstchen.tiny import write_tiny_models
+from wuerstchen.files.management import ModelManager
+from wuerstchen.files.tiny import write_tiny_models
 from tools.editor_rules import read_widgets, widget_slots
 from workflow_runner import WorkflowError, WorkflowRunner, core_nodes, load_workflow
 

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wuerstchen.checkpoints import build_module
-from wuerstchen.text import CLIPTextEncoder
-from wuerstchen.tiny import EFFNET, STAGE_C, TEXT, text_encoder_state, tiny_state
+from wuerstchen.files.checkpoints import build_module
+from wuerstchen.text.encoder import CLIPTextEncoder
+from wuerstchen.files.tiny import EFFNET, STAGE_C, TEXT, text_encoder_state, tiny_state
 
 
 def tiny_stage_c(seed: int = 0):

@@ -41,7 +41,7 @@ def comfy_stage_c_state(ours: dict) -> dict:
 def ours_in_comfy_layout(model, part: str) -> dict:
     if part == "stage_c":
         return comfy_stage_c_state({k: v.detach() for k, v in model.state_dict().items()})
-    from wuerstchen.text import hf_text_key_names
+    from wuerstchen.text.encoder import hf_text_key_names
 
     params = dict(model.named_parameters())
     out = {}
@@ -65,7 +65,7 @@ def cases(stage_c_sd, text_sd, rank=2, seed=0):
     c = stage_c_sd["down_blocks.0.0.depthwise.weight"].shape[0]
     o_w, i_w = stage_c_sd["down_blocks.0.0.channelwise.0.weight"].shape
     width = stage_c_sd["down_blocks.0.2.attention.attn.in_proj_weight"].shape[1]
-    from wuerstchen.tiny import STAGE_C, TEXT, write_tiny_lora
+    from wuerstchen.files.tiny import STAGE_C, TEXT, write_tiny_lora
 
     out = {
         "kohya lora": ("stage_c", write_tiny_lora(None, "kohya", STAGE_C, rank=rank, seed=1), 0.7),
@@ -120,10 +120,10 @@ def main() -> int:
     import comfy.lora
     import comfy.model_base
 
-    from wuerstchen import tiny
+    from wuerstchen.files import tiny
     from wuerstchen.lora import apply_loras, parse_lora
     from wuerstchen.models.stage_c import StageC
-    from wuerstchen.text import CLIPTextEncoder
+    from wuerstchen.text.encoder import CLIPTextEncoder
 
     stage_c_sd = tiny._random_module_state("stage_c", tiny.STAGE_C, 0)
     stage_c = StageC(**tiny.STAGE_C)

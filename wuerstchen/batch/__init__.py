@@ -7,5 +7,5 @@ this process or on a Ray cluster, each job's image named by its content and reco
 * :mod:`.local` runs them in this process, :mod:`.ray_runner` on Ray actors;
 * :mod:`.progress` is the one tqdm bar over all jobs.
 
-A layer above :mod:`wuerstchen.cascade`: nothing in the core imports it.
+A layer above :mod:`wuerstchen.pipeline.cascade`: nothing in the core imports it.
 """

@@ -6,7 +6,7 @@ line (``lora`` / ``control``: a string or a list of strings); a CSV has a ``prom
 column per setting (an empty cell: not set; several LoRAs or hints separated by ``;``).
 
 Each value goes through the ``generate`` command's own option types, choices and checks
-(:mod:`wuerstchen.cli`), so a job accepts exactly what the command line accepts and is refused with
+(:mod:`wuerstchen.options.generate`), so a job accepts exactly what the command line accepts and is refused with
 the same words, prefixed by ``FILE:LINE:``. Relative paths (``image``, ``mask``, LoRA and hint files)
 are taken from the prompts file's folder.
 
@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..cli import FAMILY_FLAGS, UsageError, _check_request, _parse_inputs, _parse_settings, _parser, _split_numbers
-from ..cli import v2_settings
-from ..pipeline import OFFICIAL_COMPRESSION
+from ..options.generate import FAMILY_FLAGS, UsageError, _check_request, _parse_inputs, _parse_settings, _split_numbers
+from ..options.generate import generate_parser as options_parser
+from ..options.generate import v2_settings
+from ..pipeline.stages import OFFICIAL_COMPRESSION
 
 #: ``generate`` options that hold for the whole batch (the ``batch`` command's own flags), not per job.
 RUN_LEVEL = ("embeddings", "family", "stage_c_variant", "stage_b_variant", "dtype", "vram_budget", "device")
@@ -50,7 +51,7 @@ class Job:
 
     line: int
     prompt: str
-    family: str  # wuerstchen.kinds family name
+    family: str  # wuerstchen.files.kinds family name
     settings: Dict[str, Any]  # every value the images depend on besides the prompt (defaults filled in)
     name: str  # content-derived file stem
 
@@ -70,10 +71,8 @@ class Job:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    """The ``generate`` sub-command's parser: the options, types, choices and defaults jobs use."""
-    parser = _parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["generate"]
+    """The ``generate`` options' parser: the options, types, choices and defaults jobs use."""
+    return options_parser()
 
 
 def job_options(parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, argparse.Action]:

@@ -20,12 +20,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..cascade import Cascade, CascadeFiles
-from ..cascade_v2 import CascadeV2
-from ..cli import FAMILY_FLAGS, _load_image, parse_control, parse_lora
-from ..management import WEIGHT_DTYPES, ModelManager
-from ..pipeline import StageBSettings, StageCSettings
-from ..pipeline_v2 import DecoderSettings, PriorSettings
+from ..pipeline.cascade import Cascade, CascadeFiles
+from ..pipeline.cascade_v2 import CascadeV2
+from ..options.generate import FAMILY_FLAGS, _load_image, parse_control, parse_lora
+from ..files.management import WEIGHT_DTYPES, ModelManager
+from ..pipeline.stages import StageBSettings, StageCSettings
+from ..pipeline.stages_v2 import DecoderSettings, PriorSettings
 from .jobs import Job, control_spec, lora_spec
 
 

@@ -1,6 +1,6 @@
 """A deterministic DDIM (eta 0) loop over a slice of Stage C's schedule, with a per-step hook.
 
-It computes exactly what :func:`wuerstchen.sampling.sample` does with ``sampler="ddim"`` (same
+It computes exactly what :func:`wuerstchen.sampling.samplers.sample` does with ``sampler="ddim"`` (same
 schedule, same float order: ``x0 = (x − b·ε)/a``, ``x' = a'·x0 + b'·ε``) but can start and stop
 at any step and lets the caller change x between steps, which layer fusion and background
 blending need. Grid index i is the time ``schedule.t[i]`` (0 = pure noise, ``steps`` = clean).
@@ -13,7 +13,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..schedule import StepSchedule
+from ..sampling.schedule import StepSchedule
 from .guidance import Guidance
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]

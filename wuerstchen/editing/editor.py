@@ -10,8 +10,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .. import limits, pipeline
-from ..pipeline import StageBSettings
+from ..inputs import limits
+from ..pipeline import stages as pipeline
+from ..pipeline.stages import StageBSettings
 from . import operations
 from .fusion import EditSettings, decompose, fuse
 from .guidance import Guidance
@@ -44,7 +45,7 @@ class EditResult:
 
 def check_request(request: EditRequest) -> EditRequest:
     """The request with its picture and masks checked (sizes, empty masks, the operation against
-    them): :class:`~wuerstchen.limits.RequestError` before any model loads."""
+    them): :class:`~wuerstchen.inputs.limits.RequestError` before any model loads."""
     image = limits.check_images(request.image, "the picture to edit")
     if image.shape[0] != 1:
         raise limits.RequestError(f"edit one picture at a time, got a batch of {image.shape[0]}")
@@ -61,7 +62,7 @@ def check_request(request: EditRequest) -> EditRequest:
 
 
 class LayeredEditor:
-    """Runs :class:`EditRequest` on a :class:`~wuerstchen.cascade.Cascade` (Stable Cascade weights)."""
+    """Runs :class:`EditRequest` on a :class:`~wuerstchen.pipeline.cascade.Cascade` (Stable Cascade weights)."""
 
     KINDS = ("stage_c", "stage_b", "stage_a", "effnet", "clip_text")
 

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..limits import RequestError
+from ..inputs.limits import RequestError
 from .attention_mask import key_mask
 from .denoise import Progress, denoise
 from .guidance import Guidance

@@ -1,8 +1,8 @@
 """Stage C conditioning for an edit: the model inputs of both CFG halves, prepared once.
 
-With ``cfg == 1`` only the conditional half runs (as :func:`wuerstchen.sampling.sample` does);
+With ``cfg == 1`` only the conditional half runs (as :func:`wuerstchen.sampling.samplers.sample` does);
 otherwise one batched [cond; uncond] call per step and the official guidance rule
-(:func:`wuerstchen.sampling.guide`, with the ``cfg_rho`` rescale).
+(:func:`wuerstchen.sampling.samplers.guide`, with the ``cfg_rho`` rescale).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..pipeline import Conditioning, pad_tokens, repeat_tokens
-from ..sampling import guide
+from ..pipeline.stages import Conditioning, pad_tokens, repeat_tokens
+from ..sampling.samplers import guide
 
 
 def _match(cond: Dict[str, torch.Tensor], uncond: Dict[str, torch.Tensor]) -> None:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..schedule import StepSchedule, step_schedule
+from ..sampling.schedule import StepSchedule, step_schedule
 from .denoise import Progress, denoise
 from .guidance import Guidance
 

@@ -13,7 +13,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..limits import RequestError
+from ..inputs.limits import RequestError
 
 THRESHOLD = 0.5
 """A mask pixel above this belongs to the object."""

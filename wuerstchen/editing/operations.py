@@ -25,8 +25,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..limits import RequestError
-from ..pipeline import stage_c_latent_size
+from ..inputs.limits import RequestError
+from ..pipeline.stages import stage_c_latent_size
 from .layers import Layers, Transform, shift_cells, snap_offset
 from .masks import bbox, object_cells
 

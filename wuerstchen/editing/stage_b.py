@@ -1,7 +1,7 @@
 """Edit-aware Stage B: the source's VQGAN latent is kept outside the edit, regenerated inside.
 
 Stage B samples as usual (the official DDPM update, or DDIM; same schedule, guidance and CPU
-noise as :func:`wuerstchen.pipeline.sample_stage_b`), conditioned on the edited Stage C latent,
+noise as :func:`wuerstchen.pipeline.stages.sample_stage_b`), conditioned on the edited Stage C latent,
 but after every step the latent outside the edit is replaced by the source latent noised to the
 step's time (``a'·src + b'·z``, fresh z each step, as in RePaint), with a feathered mask so the
 seam is blended over a few latent cells; the last x0 is blended with the clean source the same
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import limits
-from ..pipeline import StageBSettings, cpu_generator, stage_b_latent_size
-from ..sampling import batch_conditioning, guide
-from ..schedule import step_schedule
+from ..inputs import limits
+from ..pipeline.stages import StageBSettings, cpu_generator, stage_b_latent_size
+from ..sampling.samplers import batch_conditioning, guide
+from ..sampling.schedule import step_schedule
 from .masks import feather
 
 ETA = {"ddpm": 1.0, "ddim": 0.0}

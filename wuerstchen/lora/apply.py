@@ -108,7 +108,7 @@ class LoraPatch:
     def _register(self, words: List[str], vectors: torch.Tensor) -> None:
         """Add learned tokens; the encoder's ``add_token_embeddings`` changes nothing when it fails."""
         self.active = True
-        from ..tokenizer import normalize_text
+        from ..text.tokenizer import normalize_text
 
         before = self.model.added_token_vectors()
         keys = [normalize_text(w) for w in words]

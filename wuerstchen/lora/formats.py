@@ -241,7 +241,7 @@ def stage_c_names() -> NameTable:
     """Stage C's module names, from a meta-device build of every official Stage C config."""
     import torch
 
-    from ..configs import STAGE_C
+    from ..models.configs import STAGE_C
     from ..models.stage_c import StageC
 
     names: List[str] = []
@@ -254,7 +254,7 @@ def stage_c_names() -> NameTable:
 @lru_cache(maxsize=1)
 def text_names() -> NameTable:
     """CLIP-G's module names: the Hugging Face keys our text encoder accepts."""
-    from ..text import BIGG14_TEXT_CONFIG, hf_text_key_names
+    from ..text.encoder import BIGG14_TEXT_CONFIG, hf_text_key_names
 
     return NameTable("text", hf_text_key_names(BIGG14_TEXT_CONFIG["layers"]))
 

@@ -4,7 +4,7 @@ Names that the model does not have are left out and reported; a change whose nam
 whose shape does not fit means the LoRA was made for another model, and the whole LoRA is
 refused with a message that says which model it looks made for. What the official models look
 like (widths, attention counts) is read by building each official config of
-:mod:`wuerstchen.configs` on the meta device, and titles come from :mod:`wuerstchen.kinds`; nothing
+:mod:`wuerstchen.models.configs` on the meta device, and titles come from :mod:`wuerstchen.files.kinds`; nothing
 is restated here.
 """
 
@@ -46,7 +46,7 @@ class LoraMatch:
 
 @lru_cache(maxsize=None)
 def _official_shapes(kind: str, variant: str) -> Dict[str, Tuple[int, ...]]:
-    from .. import configs
+    from ..models import configs
 
     if kind == "stage_c":
         from ..models.stage_c import StageC as cls
@@ -72,8 +72,8 @@ def _attention_blocks(shapes: Mapping[str, Sequence[int]]) -> int:
 
 def official_titles(kind: str = "stage_c") -> Dict[int, str]:
     """Attention width -> title of each official ``kind`` ("stage_c" / "stage_b") variant."""
-    from .. import kinds
-    from ..configs import STAGE_B, STAGE_C
+    from ..files import kinds
+    from ..models.configs import STAGE_B, STAGE_C
 
     variants = STAGE_C if kind == "stage_c" else STAGE_B
     return {_attention_width(_official_shapes(kind, v)): kinds.title(kind, v) for v in variants}
@@ -81,7 +81,7 @@ def official_titles(kind: str = "stage_c") -> Dict[int, str]:
 
 def stage_b_widths() -> List[int]:
     """Every channel width of the official Stage B variants (to recognise a Stage B LoRA)."""
-    from ..configs import STAGE_B
+    from ..models.configs import STAGE_B
 
     return sorted({w for cfg in STAGE_B.values() for w in cfg["c_hidden"]})
 
@@ -99,8 +99,8 @@ def describe_model(shapes: Mapping[str, Sequence[int]], part: str) -> str:
 
 
 def _official_stage_c_signatures() -> Dict[str, Tuple[int, int]]:
-    from .. import kinds
-    from ..configs import STAGE_C
+    from ..files import kinds
+    from ..models.configs import STAGE_C
 
     return {kinds.title("stage_c", v): (_attention_width(_official_shapes("stage_c", v)),
                                          _attention_blocks(_official_shapes("stage_c", v)))
@@ -129,8 +129,8 @@ def describe_lora_widths(deltas: Sequence[WeightDelta]) -> str:
 
 def _official_weight_counts() -> Dict[int, str]:
     """Number of official-format weights per official Stage C variant -> its title."""
-    from .. import kinds
-    from ..configs import STAGE_C
+    from ..files import kinds
+    from ..models.configs import STAGE_C
 
     return {len(official_lora_modules(_official_shapes("stage_c", v))): kinds.title("stage_c", v) for v in STAGE_C}
 

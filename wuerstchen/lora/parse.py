@@ -124,7 +124,7 @@ def load_lora(path: Union[str, os.PathLike], *, token_words: Optional[Mapping[in
     the rows its config's regex picked), so such a token's vector is that learned part.
     Keys that cannot be used are reported through the ``wuerstchen.lora`` logger.
     """
-    from ..weights_io import WeightFileError, WeightSource
+    from ..storage.weights_io import WeightFileError, WeightSource
 
     path = Path(path)
     try:
@@ -413,7 +413,7 @@ def _embeddings(name: str, tensors: Mapping[str, torch.Tensor], bundles, token_w
     Refuses now what the text encoder could not register later: a word it cannot hold (``!`` or
     ``<|…|>`` inside, outer spaces), vectors that are not [n, width], two widths in one file.
     """
-    from ..tokenizer import CLIPTokenizer
+    from ..text.tokenizer import CLIPTokenizer
 
     embeddings: List[TokenEmbedding] = []
     deltas: List[WeightDelta] = []

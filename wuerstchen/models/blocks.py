@@ -474,7 +474,7 @@ class CascadeUNet(nn.Module):
 
     def block_schedule(self):
         """The blocks in the order one forward calls them (level repeats included): what a
-        weight-streaming schedule (:mod:`wuerstchen.streaming`) moves to the device one by one."""
+        weight-streaming schedule (:mod:`wuerstchen.sampling.streaming`) moves to the device one by one."""
         order = []
         for levels in (self.down_blocks, self.up_blocks):
             mappers = self.down_repeat_mappers if levels is self.down_blocks else self.up_repeat_mappers

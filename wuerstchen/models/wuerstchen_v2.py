@@ -110,7 +110,7 @@ class _V2Net(CascadeUNet):
 
     def block_schedule(self):
         """The ResBlocks, TimestepBlocks and AttnBlocks in the order one forward calls them, each
-        once: what weight streaming (:mod:`wuerstchen.streaming`) may move to the device one by one.
+        once: what weight streaming (:mod:`wuerstchen.sampling.streaming`) may move to the device one by one.
         The decoder's level changes run without a module call, so they stay with the trunk."""
         return [b for level in self._levels() for b in level if isinstance(b, (ResBlock, TimestepBlock, AttnBlock))]
 

@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..images import read_image
-from ..limits import RequestError
-from ..pipeline import EFFNET_COMPRESSION, encode_semantic
+from ..inputs.images import read_image
+from ..inputs.limits import RequestError
+from ..pipeline.stages import EFFNET_COMPRESSION, encode_semantic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 OFFICIAL_RATIOS = ("1/1", "1/2", "1/3", "2/3", "3/4", "1/5", "2/5", "3/5", "4/5", "1/6", "5/6", "9/16")

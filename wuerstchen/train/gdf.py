@@ -4,7 +4,7 @@ Stable Cascade's trainers build ``GDF(CosineSchedule(clamp_range=[1e-4, 0.9999])
 EpsilonTarget(), CosineTNoiseCond(), P2LossWeight())``. For one training example that is:
 
 * a time ``t = clamp(1 - u + 0.001, 0.001, 1)`` with ``u ~ U[0, 1)``;
-* its logSNR ``λ(t)`` on the clipped cosine schedule (:class:`wuerstchen.schedule.CosineSchedule`);
+* its logSNR ``λ(t)`` on the clipped cosine schedule (:class:`wuerstchen.sampling.schedule.CosineSchedule`);
 * the variance-preserving scalers ``a = sqrt(sigmoid λ)``, ``b = sqrt(1 - sigmoid λ)``; the noised
   latent ``a·x0 + b·ε`` and the target ``ε``;
 * the network's time condition ``r``: the cosine schedule inverted at λ;
@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..schedule import CosineSchedule, vp_scalers
+from ..sampling.schedule import CosineSchedule, vp_scalers
 
 
 class Diffused(NamedTuple):

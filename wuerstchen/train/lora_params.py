@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..lora import OFFICIAL_MODULE_FILTERS, official_lora_modules
-from ..tokenizer import VOCAB_SIZE, CLIPTokenizer
+from ..text.tokenizer import VOCAB_SIZE, CLIPTokenizer
 
 log = logging.getLogger("wuerstchen.train")
 

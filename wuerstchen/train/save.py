@@ -20,7 +20,7 @@ import torch
 from ..lora import LoraFile, parse_lora
 from ..lora.formats import OFFICIAL_EMBEDDINGS, OFFICIAL_INDICES
 from ..lora.parse import TEXT_TOKEN_EMBEDDING
-from ..weights_io import save_safetensors
+from ..storage.weights_io import save_safetensors
 
 TRAINER_NAME = "wuerstchen.train (official Stage C LoRA recipe)"
 

@@ -23,7 +23,7 @@ from open_clip.transformer import VisionTransformer
 
 from .clip_transformer import (ACTIVATIONS, assemble, build_transformer, find_prefix,
                                hf_layer_key_to_param, place, run_blocks, unknown_keys_error)
-from .preprocess import clip_preprocess
+from ..inputs.preprocess import clip_preprocess
 
 __all__ = [
     "VITL14_VISION_CONFIG", "CLIPVisionEncoder", "VisionEncoding",
@@ -185,7 +185,7 @@ class CLIPVisionEncoder(nn.Module):
 
     def encode_images(self, images, pipeline: str = "official_notebook") -> torch.Tensor:
         """Raw images (PIL, uint8 HWC, or ComfyUI float [B, H, W, 3]) -> Stage C ``clip_img``
-        [B, 1, P], preprocessed the official way (see ``wuerstchen.preprocess``)."""
+        [B, 1, P], preprocessed the official way (see ``wuerstchen.inputs.preprocess``)."""
         if self.image_size != 224:
             raise ValueError(f"the CLIP preprocessing makes 224x224 images; this tower takes "
                              f"{self.image_size}x{self.image_size}")

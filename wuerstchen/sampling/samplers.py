@@ -7,7 +7,7 @@ the official trajectory. The other samplers reuse the schedule and guidance and 
 update rule.
 
 :func:`sample_v2` is Würstchen v2's sampler (diffusers' ``DDPMWuerstchenScheduler`` loop): its
-own update rule on the ᾱ schedule of :mod:`wuerstchen.schedule_v2`, plain lerp guidance, and the
+own update rule on the ᾱ schedule of :mod:`wuerstchen.sampling.schedule_v2`, plain lerp guidance, and the
 last x as the result.
 
 Conventions shared by every sampler:
@@ -425,7 +425,7 @@ def sample(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond: Mappi
     None only when ``cfg == 1``. ``callback(step, steps, x0)`` runs after every step (step counts
     from 1); anything it raises, e.g. :class:`SamplingInterrupted`, propagates at once.
     For img2img, noise the latent with :func:`noise_to` and pass ``t_start`` and the step count
-    from :func:`wuerstchen.schedule.img2img_steps`.
+    from :func:`wuerstchen.sampling.schedule.img2img_steps`.
     """
     x0 = None
     for result in sample_steps(model, x_init, cond, uncond, steps=steps, cfg=cfg, shift=shift,
@@ -498,9 +498,9 @@ def sample_v2(model: Callable[..., torch.Tensor], x_init: torch.Tensor, cond: Ma
               generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """Würstchen v2 sampling (the hub pipelines' loop); returns the **last x** (no x0 prediction).
 
-    ``timesteps`` is the grid from the start time down to 0 (see :mod:`wuerstchen.schedule_v2`:
-    :func:`~wuerstchen.schedule_v2.default_prior_timesteps` for the prior's 29-step recipe,
-    :func:`~wuerstchen.schedule_v2.uniform_timesteps`), or an int for that many uniform steps.
+    ``timesteps`` is the grid from the start time down to 0 (see :mod:`wuerstchen.sampling.schedule_v2`:
+    :func:`~wuerstchen.sampling.schedule_v2.default_prior_timesteps` for the prior's 29-step recipe,
+    :func:`~wuerstchen.sampling.schedule_v2.uniform_timesteps`), or an int for that many uniform steps.
     The model is called as ``model(x, r, **inputs)`` with r = t (no shift). Guidance applies only
     when ``cfg > 1``: one batched call on [cond; uncond] and ``lerp(uncond, cond, cfg)``, no
     rescale; otherwise ``uncond`` is ignored (the decoder's default cfg 0 means no guidance).

@@ -52,7 +52,7 @@ def read_embedding_file(path: Union[str, os.PathLike], name: Optional[str] = Non
     path = Path(path)
     label = f"embedding:{name}" if name else path.name
     if path.suffix.lower() in (".safetensors", ".sft"):
-        from .weights_io import WeightFileError, WeightSource
+        from ..storage.weights_io import WeightFileError, WeightSource
 
         try:
             tensors = WeightSource(path).read()

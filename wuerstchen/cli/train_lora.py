@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .management import WEIGHT_DTYPES
+from ..files.management import WEIGHT_DTYPES
 
 
 def register(subparsers) -> None:
@@ -47,8 +47,8 @@ def register(subparsers) -> None:
 
 
 def _config(args):
-    from .cli import UsageError
-    from .train import TrainConfig, TokenSpec
+    from ..options.generate import UsageError
+    from ..train import TrainConfig, TokenSpec
 
     try:
         tokens = tuple(TokenSpec.parse(t) for t in args.token)
@@ -63,10 +63,10 @@ def _config(args):
 
 def _check(args):
     """Everything the command line names, before any model loads: (config, examples)."""
-    from .cli import UsageError, _writable_folder
-    from .limits import RequestError, check_device
-    from .train import read_folder
-    from .train.dataset import check_examples
+    from ..options.generate import UsageError, _writable_folder
+    from ..inputs.limits import RequestError, check_device
+    from ..train import read_folder
+    from ..train.dataset import check_examples
 
     models = Path(args.models)
     if not models.is_dir():
@@ -100,12 +100,12 @@ def _check(args):
 def run(args) -> int:
     from tqdm import tqdm
 
-    from .cascade import CascadeFiles, FolderCascade, MissingWeightsError
-    from .cli import UsageError
-    from .limits import RequestError
-    from .management import ModelManager
-    from .train import save_lora
-    from .train.session import encode_dataset, train
+    from ..pipeline.cascade import CascadeFiles, FolderCascade, MissingWeightsError
+    from ..options.generate import UsageError
+    from ..inputs.limits import RequestError
+    from ..files.management import ModelManager
+    from ..train import save_lora
+    from ..train.session import encode_dataset, train
 
     try:
         config, examples = _check(args)

@@ -15,7 +15,7 @@ image the user gives (images are [B, 3, H, W] in [0, 1], masks [B, 1, H, W], 1 =
   its EfficientNet latent (1/32 of its size) upscaled 2x (nearest).
 
 Masks and images pair by batch: one mask serves every image, one image every mask, otherwise
-there must be as many of each (:func:`wuerstchen.limits.match_batches`). A ControlNet injects maps
+there must be as many of each (:func:`wuerstchen.inputs.limits.match_batches`). A ControlNet injects maps
 of one width into given Stage C ResBlocks; :func:`check_fits` refuses a Stage C of another width
 (the released ControlNets were made for the full 3.6B Stage C, not the lite one) before sampling.
 
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import limits
-from .sampling import StepInput
+from ..inputs import limits
+from ..sampling.samplers import StepInput
 
 KINDS = ("canny", "inpainting", "super_resolution")
 CANNY_SIZE = 224  # the official CannyFilter works at 224x224
@@ -181,7 +181,7 @@ def super_resolution_input(effnet: Optional[nn.Module], images: torch.Tensor) ->
     if effnet is None:
         raise ControlInputError("the super-resolution ControlNet needs the semantic compressor (effnet_encoder)",
                                 "effnet")
-    from .pipeline import encode_semantic
+    from .stages import encode_semantic
 
     size = (max(1, round(images.shape[-2] / EFFNET_COMPRESSION)), max(1, round(images.shape[-1] / EFFNET_COMPRESSION)))
     latent = encode_semantic(effnet, images, size)
@@ -220,7 +220,7 @@ def check_range(strength: float, start: float, end: float) -> None:
 def injection_widths(stage_c: nn.Module) -> List[int]:
     """The width of each ResBlock call of a Stage C forward, in the order ControlNet maps are
     injected (down path, then up path, repeats included), read from the model's blocks."""
-    from .models.blocks import ResBlock
+    from ..models.blocks import ResBlock
 
     widths: List[int] = []
     for blocks, mappers in ((stage_c.down_blocks, stage_c.down_repeat_mappers),
@@ -238,8 +238,8 @@ def check_widths(kind: str, c_proj: int, proj_blocks: Sequence[int], widths: Seq
     wrong = [i for i in used if widths[i] != c_proj]
     if used and not wrong:
         return
-    from .configs import STAGE_C
-    from .kinds import title
+    from ..models.configs import STAGE_C
+    from ..files.kinds import title
 
     made_for = [title("stage_c", v) for v, cfg in STAGE_C.items() if cfg["c_hidden"][0] == c_proj]
     target = f"the {made_for[0]}" if made_for else f"a Stage C {c_proj} wide"
@@ -270,7 +270,7 @@ def active_steps(start: float, end: float, steps: int) -> range:
 @dataclass(frozen=True, eq=False)
 class Control:
     """What a user asks for: a ControlNet ``kind`` (see :data:`KINDS`), its image, mask, strength and
-    step range. :class:`~wuerstchen.cascade.Cascade` finds the ControlNet and prepares the input."""
+    step range. :class:`~wuerstchen.pipeline.cascade.Cascade` finds the ControlNet and prepares the input."""
 
     kind: str
     image: torch.Tensor  # [B, 3, H, W] in [0, 1]

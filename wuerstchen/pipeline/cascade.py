@@ -14,13 +14,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import control, limits, pipeline
-from . import kinds as kind_table
-from .checkpoints import LoadedModel, build_module, inspect
+from . import control
+from ..inputs import limits
+from . import stages as pipeline
+from ..files import kinds as kind_table
+from ..files.checkpoints import LoadedModel, build_module, inspect
 from .control import Control
-from .management import ModelManager
-from .model_files import SkippedFile, skipped_for, walk
-from .pipeline import Conditioning, LoraUse, StageBSettings, StageCSettings
+from ..files.management import ModelManager
+from ..files.model_files import SkippedFile, skipped_for, walk
+from .stages import Conditioning, LoraUse, StageBSettings, StageCSettings
 
 
 logger = logging.getLogger("wuerstchen")
@@ -38,7 +40,7 @@ def scan_models(root: os.PathLike | str, skipped: Optional[list] = None) -> Dict
 
     A file that cannot be used (corrupt, truncated, a FIFO, a symlink loop, ...) never ends the
     scan: it is skipped with a logged warning naming it and why, and recorded in ``skipped`` (a
-    list of :class:`~wuerstchen.model_files.SkippedFile`) when one is given, so a missing-weights
+    list of :class:`~wuerstchen.files.model_files.SkippedFile`) when one is given, so a missing-weights
     message can say "stage_b.safetensors was found but is truncated" instead of "missing".
     """
     root = Path(root)
@@ -98,7 +100,7 @@ class CascadeFiles:
         return [k for k in kinds if k not in self.parts]
 
     def complete_families(self) -> List[str]:
-        """The model families (:data:`wuerstchen.kinds.FAMILIES`) whose text-to-image set is here."""
+        """The model families (:data:`wuerstchen.files.kinds.FAMILIES`) whose text-to-image set is here."""
         return [name for name, fam in kind_table.FAMILIES.items() if not self.missing(fam.text_to_image)]
 
     def _missing_lines(self, missing: Sequence[str], family: Optional[str]) -> List[str]:
@@ -237,7 +239,7 @@ class Cascade(FolderCascade):
                       controls: Sequence[Control]) -> Optional[torch.Tensor]:
         """Everything :meth:`generate` checks before it loads a model: sizes, batch, settings, the
         image, the ControlNets' widths against Stage C's and the memory the run needs (from the files'
-        configs). Raises :class:`~wuerstchen.limits.RequestError`; returns the image as [N, 3, H, W]."""
+        configs). Raises :class:`~wuerstchen.inputs.limits.RequestError`; returns the image as [N, 3, H, W]."""
         height, width = pipeline.check_size(height, width)
         batch = limits.check_batch(batch)
         compression = limits.check_compression(compression)

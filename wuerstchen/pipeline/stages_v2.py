@@ -31,10 +31,11 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import limits, sampling
-from .models.effnet import v2_effnet_to_raw
-from .pipeline import STAGE_B_COMPRESSION, cpu_generator, semantic_input
-from .schedule_v2 import (DEFAULT_DECODER_STEPS, check_timesteps, default_prior_timesteps,
+from ..inputs import limits
+from ..sampling import samplers as sampling
+from ..models.effnet import v2_effnet_to_raw
+from .stages import STAGE_B_COMPRESSION, cpu_generator, semantic_input
+from ..sampling.schedule_v2 import (DEFAULT_DECODER_STEPS, check_timesteps, default_prior_timesteps,
                           uniform_timesteps)
 
 V2_RESOLUTION_MULTIPLE = 42.67
@@ -161,10 +162,10 @@ def encode_text_v2(text_encoder: nn.Module, prompts: Prompts, negative_prompts: 
                    embeddings=None) -> V2Text:
     """Both sides of one tower's conditioning, as float32 CPU tensors.
 
-    ``text_encoder`` must be a v2-family :class:`~wuerstchen.text.CLIPTextEncoder` (pad 49407,
+    ``text_encoder`` must be a v2-family :class:`~wuerstchen.text.encoder.CLIPTextEncoder` (pad 49407,
     ``last_hidden_state``). The negative side is the embedding of ``negative_prompts`` (one for
     all, or one per prompt), or of "" when None. Prompt weights and long prompts behave as
-    :meth:`~wuerstchen.text.CLIPTextEncoder.encode_prompts` documents (``embeddings``: where
+    :meth:`~wuerstchen.text.encoder.CLIPTextEncoder.encode_prompts` documents (``embeddings``: where
     ``embedding:NAME`` is looked up); a plain prompt of at most 75 tokens gives exactly the hub
     pipelines' embedding.
     """

@@ -1,8 +1,8 @@
 """Identify weight files from their keys and shapes, and load them.
 
 Never from file names: users rename files freely. A file is read as a set of (key, shape)
-pairs; each kind of network (:mod:`wuerstchen.kinds`) has marker keys, and its config is read
-off the shapes (:mod:`wuerstchen.layouts`, with the official values for hyper-parameters that
+pairs; each kind of network (:mod:`wuerstchen.files.kinds`) has marker keys, and its config is read
+off the shapes (:mod:`wuerstchen.files.layouts`, with the official values for hyper-parameters that
 leave no trace in a state dict). The module is then built on the meta device and filled with
 ``assign=True`` directly in the requested dtype and device, so a 3.6B model never exists twice
 in memory and is never randomly initialised.
@@ -22,8 +22,8 @@ from torch import nn
 from . import kinds as kind_table
 from . import layouts
 from .layouts import LayoutError, Shapes
-from .models.ops import fp8_weight_names, is_fp8
-from .weights_io import WeightFileError, WeightSource
+from ..models.ops import fp8_weight_names, is_fp8
+from ..storage.weights_io import WeightFileError, WeightSource
 
 CONFIG_METADATA_KEY = "wuerstchen_config"
 
@@ -141,7 +141,7 @@ def _identify(kind: kind_table.ModelKind, shapes: Shapes, prefix: str, hints: Di
 def detect_parts(shapes: Shapes, metadata: Optional[Mapping[str, str]] = None) -> List[Detection]:
     """Every network in a state dict (one for a plain file, several for combined checkpoints).
 
-    At each key prefix the first kind (in :data:`wuerstchen.kinds.KINDS` order) whose markers are
+    At each key prefix the first kind (in :data:`wuerstchen.files.kinds.KINDS` order) whose markers are
     there is taken; a kind that may sit anywhere (the CLIP towers) is taken once, where it is
     first found.
     """
@@ -169,7 +169,7 @@ def describe_foreign(shapes: Shapes) -> str:
     def any_key(*needles):
         return any(n in joined for n in needles)
 
-    from .lora.formats import looks_like_lora
+    from ..lora.formats import looks_like_lora
 
     if looks_like_lora(keys):
         return "a LoRA (load it with the Wuerstchen LoRA loader, not as a model)"

@@ -216,7 +216,7 @@ def _with_hint(config: dict, official: dict, hint: Optional[Mapping], free: Sequ
 
 
 def prior_layout(shapes: Shapes, hint: Optional[Mapping] = None) -> tuple[str, dict]:
-    from .configs import V2_PRIOR
+    from ..models.configs import V2_PRIOR
     from .layouts import LayoutError
 
     config = detect_v2_prior(shapes)
@@ -226,7 +226,7 @@ def prior_layout(shapes: Shapes, hint: Optional[Mapping] = None) -> tuple[str, d
 
 
 def decoder_layout(shapes: Shapes, hint: Optional[Mapping] = None) -> tuple[str, dict]:
-    from .configs import V2_DECODER
+    from ..models.configs import V2_DECODER
     from .layouts import LayoutError
 
     config = detect_v2_decoder(shapes)
@@ -237,7 +237,7 @@ def decoder_layout(shapes: Shapes, hint: Optional[Mapping] = None) -> tuple[str,
 
 def effnet_layout(shapes: Shapes, hint: Optional[Mapping] = None) -> tuple[str, dict]:
     """The v2 semantic compressor: Stable Cascade's backbone reading, plus ``family="v2"``."""
-    from .configs import V2_EFFNET
+    from ..models.configs import V2_EFFNET
     from .layouts import effnet
 
     _variant, config = effnet(shapes, hint)

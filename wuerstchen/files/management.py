@@ -4,7 +4,7 @@ Why one layer: Stage C (3.6B), Stage B (1.5B), the CLIP towers and the VQGAN do 
 consumer GPU together. The manager keeps loaded models cached on the offload device (CPU RAM),
 puts a model on the compute device only while it runs, and first evicts the others, so peak GPU
 memory is about the largest stage rather than the sum; a stage larger than the room it gets runs
-with its blocks streamed (:mod:`wuerstchen.streaming`). A host application (ComfyUI) plugs in its
+with its blocks streamed (:mod:`wuerstchen.sampling.streaming`). A host application (ComfyUI) plugs in its
 device choice, memory freeing, interruption and its own memory manager through
 :class:`ManagerHooks`.
 """
@@ -25,9 +25,9 @@ from torch import nn
 
 from . import kinds
 from .checkpoints import LoadedModel, inspect, load_parts
-from .models.ops import is_fp8
-from .streaming import Placement, Transfers, module_bytes
-from .weights_io import WeightSource
+from ..models.ops import is_fp8
+from ..sampling.streaming import Placement, Transfers, module_bytes
+from ..storage.weights_io import WeightSource
 
 #: Room left for activations when the weight budget comes from the free memory of a CUDA device.
 ACTIVATION_RESERVE = 2 << 30
@@ -221,8 +221,8 @@ class ModelManager:
     an accelerator, float32 on CPU, float16 with the overflow guard otherwise). An fp8 dtype
     stores the matrix weights of the kinds that support it in fp8, computing in the per-device
     choice; other kinds load in that choice.
-    ``transfers(device, offload)`` makes the :class:`~wuerstchen.streaming.Transfers` that move
-    weights (tests pass a :class:`~wuerstchen.streaming.SimulatedDevice`).
+    ``transfers(device, offload)`` makes the :class:`~wuerstchen.sampling.streaming.Transfers` that move
+    weights (tests pass a :class:`~wuerstchen.sampling.streaming.SimulatedDevice`).
     """
 
     def __init__(self, hooks: Optional[ManagerHooks] = None, memory_budget: Optional[int] = None,

@@ -1,8 +1,8 @@
 """Würstchen v2 from a folder of weight files: prior -> ×42 − 1 -> decoder -> VQGAN, with offloading.
 
-The v2 sibling of :class:`wuerstchen.cascade.Cascade`: the same file discovery
-(:class:`~wuerstchen.cascade.CascadeFiles`, files found by content in either release layout) and
-the same model manager; the recipe is :mod:`wuerstchen.pipeline_v2` (the hub combined pipeline's
+The v2 sibling of :class:`wuerstchen.pipeline.cascade.Cascade`: the same file discovery
+(:class:`~wuerstchen.pipeline.cascade.CascadeFiles`, files found by content in either release layout) and
+the same model manager; the recipe is :mod:`wuerstchen.pipeline.stages_v2` (the hub combined pipeline's
 defaults). LoRAs, ControlNets and image variations are Stable Cascade features: v2 has none.
 """
 
@@ -12,12 +12,12 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import kinds as kind_table
-from . import limits
-from . import pipeline_v2 as v2
+from ..files import kinds as kind_table
+from ..inputs import limits
+from . import stages_v2 as v2
 from .cascade import FolderCascade
-from .models.effnet import v2_effnet_to_raw
-from .pipeline import cpu_generator
+from ..models.effnet import v2_effnet_to_raw
+from .stages import cpu_generator
 
 FAMILY = kind_table.WUERSTCHEN_V2
 Prompts = Union[str, Sequence[str]]
@@ -58,7 +58,7 @@ class CascadeV2(FolderCascade):
         denoise: float = 0.6,
         progress: Optional[Callable[[str, int, int], None]] = None,
     ) -> torch.Tensor:
-        """Images [B, 3, H', W'] in [0, 1], where (H', W') = :func:`~wuerstchen.pipeline_v2.output_size`
+        """Images [B, 3, H', W'] in [0, 1], where (H', W') = :func:`~wuerstchen.pipeline.stages_v2.output_size`
         (the size the chain really makes: 1000 gives 1024; sizes it cannot make are refused first).
 
         ``batch`` images per prompt; ``negative`` (one for all, or one per prompt) is the

@@ -1,6 +1,6 @@
 """What a request may ask for, checked before any work starts, and what a run reports when it breaks.
 
-Every entry point (the library's :mod:`~wuerstchen.pipeline` and :class:`~wuerstchen.cascade.Cascade`,
+Every entry point (the library's :mod:`~wuerstchen.pipeline.stages` and :class:`~wuerstchen.pipeline.cascade.Cascade`,
 the CLI, the ComfyUI nodes) asks the same functions here, so a setting is refused with the same
 one-line reason everywhere:
 
@@ -118,7 +118,7 @@ def check_batch(batch, name: str = "batch") -> int:
 
 
 def check_compression(compression, name: str = "compression") -> float:
-    from .pipeline import OFFICIAL_COMPRESSION
+    from ..pipeline.stages import OFFICIAL_COMPRESSION
 
     return check_number(compression, name, above=0, official=OFFICIAL_COMPRESSION,
                         hint="pixels per Stage C latent cell")
@@ -130,7 +130,7 @@ def check_sampling(stage: str, *, steps, cfg, shift, cfg_rho, sampler: str, deno
     """Refuse sampler settings of ``stage`` ("Stage C") that cannot run or mean nothing: steps outside
     1..MAX_STEPS, non-finite cfg, shift <= 0, cfg_rho outside [0, 1], denoise outside (0, 1], an
     unknown sampler. ``names`` maps a setting to what the caller calls it (a CLI flag)."""
-    from .sampling import SAMPLERS
+    from ..sampling.samplers import SAMPLERS
 
     official = official or {}
     names = dict(names or {})
@@ -263,7 +263,7 @@ def device_memory(device: torch.device | str) -> Optional[int]:
         except (RuntimeError, AssertionError):
             return None
     if device.type in ("cpu", "mps"):
-        from .management import physical_memory
+        from ..files.management import physical_memory
 
         return physical_memory()
     return None
@@ -300,7 +300,7 @@ class UNetProfile:
 def unet_profile(model: nn.Module) -> Optional[UNetProfile]:
     """The :class:`UNetProfile` of a StageB/StageC module, read from its modules (the first ResBlock
     of each level, and whether each level change resamples); None for a module of another build."""
-    from .models.blocks import ResBlock, UpDownBlock2d
+    from ..models.blocks import ResBlock, UpDownBlock2d
 
     if not all(hasattr(model, name) for name in ("embedding", "down_blocks", "down_downscalers")):
         return None
@@ -368,7 +368,7 @@ def estimate(*, batch: int, size: Optional[Tuple[int, int]] = None,
     if size is not None:
         needs.append(Need("the images", 3 * batch * 3 * int(size[0]) * int(size[1]) * 4, on_host=True))
     if semantic is not None:
-        from .pipeline import EFFNET_COMPRESSION
+        from ..pipeline.stages import EFFNET_COMPRESSION
 
         cells = semantic[0] * semantic[1] * EFFNET_COMPRESSION ** 2
         needs.append(Need("the image resized for the semantic encoder", 2 * batch * 3 * cells * 4, on_host=True))

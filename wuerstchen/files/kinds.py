@@ -19,7 +19,9 @@ from typing import Callable, Dict, List, Mapping, MutableMapping, Optional, Tupl
 import torch
 from torch import nn
 
-from . import configs, layouts, v2_layouts
+from ..models import configs
+from . import layouts
+from . import v2_layouts
 
 HF_STABLE_CASCADE = "https://huggingface.co/stabilityai/stable-cascade"
 HF_STABLE_CASCADE_PRIOR = "https://huggingface.co/stabilityai/stable-cascade-prior"
@@ -59,7 +61,7 @@ class ModelKind:
 
     ``markers`` are alternative sets of keys (relative to the network's own prefix), one set per
     file layout of the kind, whose presence identifies it; ``layout`` reads ``(variant, config)``
-    off the shapes (see :mod:`wuerstchen.layouts`); ``configs`` are the official configs by variant.
+    off the shapes (see :mod:`wuerstchen.files.layouts`); ``configs`` are the official configs by variant.
     ``build(config)`` constructs the module (on the meta device when called under it) for the
     generic meta-build-and-assign loader; kinds whose files need a key conversion (the CLIP towers)
     give ``from_state_dict(sd, dtype, device, config)`` instead. ``anywhere``: the network may sit
@@ -141,19 +143,19 @@ class ModelKind:
 
 
 def _models():
-    from . import models
+    from .. import models
 
     return models
 
 
 def _clip_text_from_state_dict(sd, dtype, device, config):
-    from .text import CLIPTextEncoder
+    from ..text.encoder import CLIPTextEncoder
 
     return CLIPTextEncoder.from_state_dict(sd, dtype=dtype, device=device, heads=config["heads"])
 
 
 def _clip_vision_from_state_dict(sd, dtype, device, config):
-    from .vision import CLIPVisionEncoder
+    from ..text.vision import CLIPVisionEncoder
 
     return CLIPVisionEncoder.from_state_dict(sd, dtype=dtype, device=device, heads=config["heads"])
 
@@ -178,19 +180,19 @@ def _v2(module_name):
 
 
 def _v2_attention_fused(sd):
-    from .models.wuerstchen_v2 import fuse_attention_keys
+    from ..models.wuerstchen_v2 import fuse_attention_keys
 
     fuse_attention_keys(sd)
 
 
 def _v2_attention_split(sd):
-    from .models.wuerstchen_v2 import split_attention_keys
+    from ..models.wuerstchen_v2 import split_attention_keys
 
     return split_attention_keys(sd)
 
 
 def _v2_text_from_state_dict(sd, dtype, device, config):
-    from .text import CLIPTextEncoder
+    from ..text.encoder import CLIPTextEncoder
 
     return CLIPTextEncoder.from_state_dict(sd, dtype=dtype, device=device, heads=config["heads"], family="v2")
 

@@ -6,7 +6,7 @@ optional config a file carries in its metadata for the few hyper-parameters that
 in shapes (attention heads of a non-official model). A config that matches an official one is
 returned as that official config (``configs.py``), so the released files get exactly the official
 hyper-parameters; anything else is "custom". Which function serves which kind is recorded in
-:mod:`wuerstchen.kinds`.
+:mod:`wuerstchen.files.kinds`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from . import configs
+from ..models import configs
 
 Shapes = Mapping[str, Tuple[int, ...]]
 Layout = Tuple[str, dict]
@@ -260,7 +260,7 @@ def _meta_tensors(shapes: Shapes) -> Dict[str, torch.Tensor]:
 
 
 def clip_text(shapes: Shapes, hint: Optional[dict] = None) -> Layout:
-    from . import text
+    from ..text import encoder as text
 
     heads = (hint or {}).get("num_attention_heads")
     try:
@@ -273,7 +273,7 @@ def clip_text(shapes: Shapes, hint: Optional[dict] = None) -> Layout:
 
 
 def clip_vision(shapes: Shapes, hint: Optional[dict] = None) -> Layout:
-    from . import vision
+    from ..text import vision
 
     heads = (hint or {}).get("num_attention_heads")
     try:

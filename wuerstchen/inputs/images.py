@@ -8,8 +8,8 @@ almost white and a float TIFF black. Pictures of those modes are scaled here by 
 * float (``F``) as [0, 1] when the values lie within it, else as 8-bit (up to 255) or 16-bit values.
 
 Every other mode goes through Pillow's conversion, as before. A file is checked before it is
-decoded: more than :data:`~wuerstchen.limits.MAX_IMAGE_PIXELS` pixels is refused (decompression
-bombs), and anything Pillow cannot read is one :class:`~wuerstchen.limits.RequestError` line.
+decoded: more than :data:`~wuerstchen.inputs.limits.MAX_IMAGE_PIXELS` pixels is refused (decompression
+bombs), and anything Pillow cannot read is one :class:`~wuerstchen.inputs.limits.RequestError` line.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoints import CONFIG_METADATA_KEY, build_module
 from .kinds import BUNDLES, KINDS, STABLE_CASCADE
-from .weights_io import save_safetensors
+from ..storage.weights_io import save_safetensors
 
 TEXT = dict(vocab_size=49408, hidden_size=24, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu")
@@ -269,7 +269,7 @@ def _stage_c_shapes(stage_c) -> Dict[str, tuple]:
 
     if isinstance(stage_c, nn.Module):
         return {n: tuple(p.shape) for n, p in stage_c.named_parameters()}
-    from .models.stage_c import StageC
+    from ..models.stage_c import StageC
 
     with torch.device("meta"):
         model = StageC(**stage_c)
@@ -280,7 +280,7 @@ def _tiny_stage_c_targets(shapes) -> list:
     """Every attention q/k/v/out, plus one of each other kind of layer (linear and 1x1 conv)."""
     import re
 
-    from .lora.formats import ModuleTarget, official_lora_modules
+    from ..lora.formats import ModuleTarget, official_lora_modules
 
     targets = []
     for name in official_lora_modules(shapes, (".attn",)):
@@ -303,7 +303,7 @@ def _tiny_stage_c_targets(shapes) -> list:
 
 
 def _tiny_text_targets(text_config) -> list:
-    from .lora.formats import ModuleTarget
+    from ..lora.formats import ModuleTarget
 
     width = int(text_config["hidden_size"])
     mlp = int(text_config.get("intermediate_size", 4 * width))
@@ -332,9 +332,9 @@ def write_tiny_lora(path, fmt: str, stage_c_config, rank: int = 2, seed: int = 0
     learned tokens are added too. Returns the tensors; writes them as safetensors when ``path``
     is given.
     """
-    from .lora.formats import CLIP_VOCAB_SIZE, OFFICIAL_EMBEDDINGS, OFFICIAL_INDICES, format_module_name, \
+    from ..lora.formats import CLIP_VOCAB_SIZE, OFFICIAL_EMBEDDINGS, OFFICIAL_INDICES, format_module_name, \
         official_lora_modules
-    from .lora.parse import FORMATS
+    from ..lora.parse import FORMATS
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import FAMILY_FLAGS, UsageError, _writable_folder
+from ..options.generate import generate_parser, FAMILY_FLAGS, UsageError, _writable_folder
 
 _SHARED = ("family", "embeddings", "stage_c_variant", "stage_b_variant", "dtype", "vram_budget", "device")
 
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     b.add_argument("--group", type=int, default=None,
                    help="jobs of the same size and settings sent to a worker at once (default 4)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    generate = subparsers.choices["generate"]  # the whole batch's options are generate's own
+    generate = generate_parser()  # the whole batch's options are generate's own
     for action in generate._actions:
         if action.dest in _SHARED:
             b._add_action(_copy(action))
@@ -75,10 +75,10 @@ def worker_options(args, family: str) -> dict:
 
 
 def run(args) -> int:
-    from .batch.jobs import JobsError, load_jobs
-    from .batch.manifest import Output
-    from .batch.run import GROUP_SIZE, run_batch
-    from .cascade import CascadeFiles, MissingWeightsError
+    from ..batch.jobs import JobsError, load_jobs
+    from ..batch.manifest import Output
+    from ..batch.run import GROUP_SIZE, run_batch
+    from ..pipeline.cascade import CascadeFiles, MissingWeightsError
 
     try:
         _check(args)
@@ -101,12 +101,12 @@ def run(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     options = worker_options(args, family)
     if args.ray is None:
-        from .batch.local import LocalRunner
-        from .batch.worker import Worker
+        from ..batch.local import LocalRunner
+        from ..batch.worker import Worker
 
         runner = LocalRunner(Worker(**options))
     else:
-        from .batch.ray_runner import RayRunner, RayStartError
+        from ..batch.ray_runner import RayRunner, RayStartError
 
         runner = RayRunner(options, workers=args.workers, address=args.ray)
         try:

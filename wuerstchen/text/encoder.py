@@ -14,7 +14,7 @@ or without the ``text_model.`` wrapper) and open_clip's layout.
 Würstchen v2 (``family="v2"``) uses two projection-free towers (``CLIPTextModel``): bigG for the
 prior and ViT-H-14 for the decoder. Both are conditioned on ``last_hidden_state``, the output
 *after* the final LayerNorm, and tokenize with pad id 49407 and ``!`` as an ordinary character
-(see :mod:`wuerstchen.tokenizer`). :meth:`CLIPTextEncoder.encode` returns the family's sequence.
+(see :mod:`wuerstchen.text.tokenizer`). :meth:`CLIPTextEncoder.encode` returns the family's sequence.
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ class CLIPTextEncoder(nn.Module):
         * ``embeddings``: where ``embedding:NAME`` (ComfyUI's textual-inversion syntax; also
           ``embedding:NAME:1.2`` or ``(embedding:NAME:1.2)``) finds its vectors — a folder, a
           list of folders, a mapping name -> tensor/file, or a callable name -> tensor (see
-          :func:`wuerstchen.embeddings.embedding_resolver`).  Each vector takes one token
+          :func:`wuerstchen.text.embeddings.embedding_resolver`).  Each vector takes one token
           position.  Without it, such text is ordinary prompt text (the official behaviour).
         """
         from .embeddings import embedding_resolver

@@ -15,13 +15,13 @@ from __future__ import annotations
 import re
 import sys
 
-from .management import WEIGHT_DTYPES
+from ..files.management import WEIGHT_DTYPES
 
 DEFAULTS = dict(steps=20, refine=3, fuse_at=0.8, dilate=1, cfg=1.0, b_steps=10, b_cfg=1.1, feather=2)
 
 
 def register(subparsers) -> None:
-    from .editing.operations import SYNTAX
+    from ..editing.operations import SYNTAX
 
     e = subparsers.add_parser("edit", help="layered editing: remove, move, scale, flip objects; pan or zoom out")
     e.add_argument("--models", required=True, help="folder holding the Stable Cascade weight files")
@@ -57,13 +57,13 @@ def _request(args):
     """The checked request (cli.UsageError for anything unusable), before any model loads."""
     from pathlib import Path
 
-    from .cli import UsageError, _load_image, check_out
-    from .editing import operations
-    from .editing.editor import EditRequest, check_request
-    from .editing.fusion import EditSettings
-    from .editing.masks import as_mask
-    from .limits import RequestError, check_device
-    from .pipeline import StageBSettings
+    from ..options.generate import UsageError, _load_image, check_out
+    from ..editing import operations
+    from ..editing.editor import EditRequest, check_request
+    from ..editing.fusion import EditSettings
+    from ..editing.masks import as_mask
+    from ..inputs.limits import RequestError, check_device
+    from ..pipeline.stages import StageBSettings
 
     models = Path(args.models)
     if not models.is_dir():
@@ -92,11 +92,11 @@ def _request(args):
 
 
 def run(args) -> int:
-    from .cascade import Cascade, CascadeFiles, MissingWeightsError
-    from .cli import UsageError, _progress_bars, _save_images
-    from .editing.editor import LayeredEditor
-    from .limits import NonFiniteError, RequestError
-    from .management import ModelManager
+    from ..pipeline.cascade import Cascade, CascadeFiles, MissingWeightsError
+    from ..options.generate import UsageError, _progress_bars, _save_images
+    from ..editing.editor import LayeredEditor
+    from ..inputs.limits import NonFiniteError, RequestError
+    from ..files.management import ModelManager
 
     try:
         request = _request(args)

@@ -8,7 +8,7 @@ image on every device. Images are [B, 3, H, W] in [0, 1] throughout.
 
 LoRAs (:class:`LoraUse`) are applied for the duration of a call, on Stage C while it samples and on
 CLIP-G while it encodes prompts, and undone exactly afterwards; ControlNet hints
-(:class:`~wuerstchen.control.Hint`) reach Stage C as its official ``cnet`` input at the steps of
+(:class:`~wuerstchen.pipeline.control.Hint`) reach Stage C as its official ``cnet`` input at the steps of
 their range.
 """
 
@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import limits, sampling
-from .configs import STAGE_B as _STAGE_B_CONFIGS
+from ..inputs import limits
+from ..sampling import samplers as sampling
+from ..models.configs import STAGE_B as _STAGE_B_CONFIGS
 from .control import ControlSchedule, Hint, check_fits
-from .models.effnet import effnet_preprocess
-from .schedule import img2img_steps
+from ..models.effnet import effnet_preprocess
+from ..sampling.schedule import img2img_steps
 
 OFFICIAL_COMPRESSION = 42.67
 STAGE_B_COMPRESSION = 4
@@ -44,7 +45,7 @@ ProgressFn = Callable[[int, int, torch.Tensor], None]
 
 class _Settings:
     """Sampler settings that refuse, on construction and before each run, values that cannot run
-    (see :func:`wuerstchen.limits.check_sampling`); the defaults are the official values."""
+    (see :func:`wuerstchen.inputs.limits.check_sampling`); the defaults are the official values."""
 
     STAGE = ""
 
@@ -52,7 +53,7 @@ class _Settings:
         self.check()
 
     def check(self, names=None) -> None:
-        """Raise :class:`~wuerstchen.limits.RequestError` naming the first unusable setting;
+        """Raise :class:`~wuerstchen.inputs.limits.RequestError` naming the first unusable setting;
         ``names`` maps a setting to what the caller calls it (e.g. a CLI flag)."""
         official = {f.name: f.default for f in fields(self)}
         limits.check_sampling(self.STAGE, steps=self.steps, cfg=self.cfg, shift=self.shift, cfg_rho=self.cfg_rho,
@@ -132,7 +133,7 @@ class LoraUse:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], model_strength: float = 1.0, text_strength: float = 1.0) -> "LoraUse":
-        from .lora import load_lora
+        from ..lora import load_lora
 
         return cls(load_lora(path), model_strength, text_strength)
 
@@ -144,7 +145,7 @@ class LoraUse:
         711 modules; 7 keys not for this model, e.g. …": at INFO level when all of it applies, at
         WARNING when a part is left out (including a text part without a text encoder to take it).
         """
-        from .lora import LoraError, check_lora, describe_match
+        from ..lora import LoraError, check_lora, describe_match
 
         lora = self.file
         if not _has_part(lora, "stage_c") and not _has_part(lora, "text"):
@@ -176,7 +177,7 @@ def _loras_applied(model: nn.Module, loras: Sequence[LoraUse], part: str) -> Ite
     if not stack:
         yield
         return
-    from .lora import apply_loras
+    from ..lora import apply_loras
 
     with apply_loras(model, stack, part=part):
         yield
@@ -235,7 +236,7 @@ def output_size(latent_size: Tuple[int, int], made_for: Optional[Tuple[int, int]
 
 
 def check_size(height: int, width: int, where: str = "size") -> Tuple[int, int]:
-    """Refuse output sizes outside 64..8192 pixels per side (see :func:`wuerstchen.limits.check_size`)."""
+    """Refuse output sizes outside 64..8192 pixels per side (see :func:`wuerstchen.inputs.limits.check_size`)."""
     return limits.check_size(height, width, where)
 
 
@@ -249,7 +250,7 @@ def encode_text(text_encoder: nn.Module, prompts: Sequence[str], loras: Sequence
     """Official CLIP-G conditioning: hidden state before the final LayerNorm, and the pooled token.
     ``loras`` patch the encoder (text strengths, learned tokens) while it encodes; ``embeddings``
     is where ``embedding:NAME`` in a prompt is looked up (folders, a mapping or a resolver; see
-    :func:`wuerstchen.embeddings.embedding_resolver`)."""
+    :func:`wuerstchen.text.embeddings.embedding_resolver`)."""
     with text_loras(text_encoder, loras):
         clip_text, clip_text_pooled = text_encoder.encode_prompts(list(prompts), embeddings=embeddings)
     return Conditioning(clip_text.float().cpu(), clip_text_pooled.float().cpu())
@@ -258,7 +259,7 @@ def encode_text(text_encoder: nn.Module, prompts: Sequence[str], loras: Sequence
 @torch.no_grad()
 def encode_image_embeds(vision_encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """ViT-L/14 ``image_embeds`` [B, 768] of images [B, 3, H, W] in [0, 1] (official preprocessing)."""
-    from . import preprocess
+    from ..inputs import preprocess
 
     images = limits.check_images(images, "image variation reference")
     param = _model_param(vision_encoder)
@@ -331,8 +332,8 @@ def sample_stage_c(
     maps reach Stage C as ``cnet`` at the steps of its range, counted in the steps this run takes.
 
     Everything is checked before the first model call (settings, conditioning, ControlNet widths,
-    the memory the run needs: :class:`~wuerstchen.limits.RequestError`); a step whose result is
-    not finite stops the run with :class:`~wuerstchen.limits.NonFiniteError`.
+    the memory the run needs: :class:`~wuerstchen.inputs.limits.RequestError`); a step whose result is
+    not finite stops the run with :class:`~wuerstchen.inputs.limits.NonFiniteError`.
     """
     settings.check()
     for side, c in (("positive", cond), ("negative", uncond)):
@@ -503,7 +504,7 @@ def decode_stage_a(stage_a: nn.Module, latent: torch.Tensor, tile: Optional[int]
     ``tile`` > 0 decodes latent tiles of that size with ``overlap`` and blends them linearly,
     so memory stays bounded for large images (the decoder's receptive field is small); None picks
     :func:`auto_tile`, 0 decodes in one piece. A latent or a result holding NaN/inf raises
-    :class:`~wuerstchen.limits.NonFiniteError`.
+    :class:`~wuerstchen.inputs.limits.NonFiniteError`.
     """
     param = _model_param(stage_a)
     if latent.dim() != 4 or latent.numel() == 0 or latent.shape[1] != stage_a.c_latent:

@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .management import WEIGHT_DTYPES
+from ..files.management import WEIGHT_DTYPES
 
 IMG2IMG_DENOISE = 0.6  # the official notebook's img2img strength
 # The flags that set each stage's sampler settings (named in refusals).
@@ -35,7 +35,7 @@ STAGE_B_FLAGS = {"steps": "--b-steps", "cfg": "--b-cfg", "shift": "--b-shift", "
                  "sampler": "--b-sampler"}
 
 
-FAMILY_FLAGS = {"v3": "stable_cascade", "v2": "wuerstchen_v2"}  # --family -> wuerstchen.kinds family
+FAMILY_FLAGS = {"v3": "stable_cascade", "v2": "wuerstchen_v2"}  # --family -> wuerstchen.files.kinds family
 
 # Options that only Stable Cascade has: (dest, flag, why v2 has none).
 _STABLE_CASCADE_ONLY = (
@@ -57,15 +57,11 @@ class UsageError(ValueError):
     """A command-line value that cannot be used: reported as one line, exit code 2, before any model loads."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .control import KINDS
-    from .sampling import SAMPLERS
+def add_generate_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``generate`` (and of every batch job): one definition for both."""
+    from ..pipeline.control import KINDS
+    from ..sampling.samplers import SAMPLERS
 
-    p = argparse.ArgumentParser(prog="python -m wuerstchen",
-                                description="Stable Cascade (Würstchen v3) and Würstchen v2 text-to-image.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="generate images with the whole cascade")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="", help="negative prompt (default: empty, as the official notebook)")
     g.add_argument("--models", required=True, help="folder holding the weight files (found by content, any layout)")
@@ -115,18 +111,12 @@ def _parser() -> argparse.ArgumentParser:
                         "as much as is free)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
 
-    t = sub.add_parser("tiny-models", help="write tiny random checkpoints in every official layout (smoke tests)")
-    t.add_argument("dir")
-    t.add_argument("--seed", type=int, default=0)
-    from .cli_batch import register as register_batch
-    register_batch(sub)
-    from . import cli_train_lora
+    return g
 
-    cli_train_lora.register(sub)
 
-    from . import cli_edit
-    cli_edit.register(sub)
-    return p
+def generate_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser of generate's options (used to read batch jobs)."""
+    return add_generate_arguments(argparse.ArgumentParser(prog="python -m wuerstchen generate"))
 
 
 def _gib(text: str) -> int:
@@ -141,8 +131,8 @@ def _gib(text: str) -> int:
 
 def _load_image(path: str, mode: str = "RGB", what: str = "--image") -> torch.Tensor:
     """[1, C, H, W] in [0, 1] (C = 3 for RGB, 1 for a grey mask), 16-bit and float pictures scaled."""
-    from .images import read_image
-    from .limits import RequestError
+    from ..inputs.images import read_image
+    from ..inputs.limits import RequestError
 
     try:
         return read_image(path, mode, what)
@@ -166,9 +156,9 @@ def _split_numbers(spec: str, most: int, what: str) -> tuple:
 
 
 def parse_lora(spec: str):
-    """``PATH[:MODEL_STRENGTH[:TEXT_STRENGTH]]`` -> a loaded :class:`~wuerstchen.pipeline.LoraUse`."""
-    from .pipeline import LoraUse
-    from .weights_io import WeightFileError
+    """``PATH[:MODEL_STRENGTH[:TEXT_STRENGTH]]`` -> a loaded :class:`~wuerstchen.pipeline.stages.LoraUse`."""
+    from ..pipeline.stages import LoraUse
+    from ..storage.weights_io import WeightFileError
 
     path, numbers = _split_numbers(spec, 2, "--lora")
     if not Path(path).is_file():
@@ -182,8 +172,8 @@ def parse_lora(spec: str):
 
 
 def parse_control(spec: str, mask: Optional[torch.Tensor]):
-    """``KIND=IMAGE[:STRENGTH][:START:END]`` -> a :class:`~wuerstchen.control.Control`."""
-    from .control import KINDS, Control
+    """``KIND=IMAGE[:STRENGTH][:START:END]`` -> a :class:`~wuerstchen.pipeline.control.Control`."""
+    from ..pipeline.control import KINDS, Control
 
     kind, sep, rest = spec.partition("=")
     if not sep or kind not in KINDS:
@@ -244,8 +234,8 @@ def check_out(out: str) -> Path:
 def _parse_settings(args, image_given: bool):
     """Stable Cascade's two stages' settings (the options given, else the official values), each
     refused by the flag that set it."""
-    from .limits import RequestError, check_sampling
-    from .pipeline import StageBSettings, StageCSettings
+    from ..inputs.limits import RequestError, check_sampling
+    from ..pipeline.stages import StageBSettings, StageCSettings
 
     denoise = _denoise(args, image_given)
     C, B = StageCSettings, StageBSettings  # their defaults are the official values
@@ -264,7 +254,7 @@ def _parse_settings(args, image_given: bool):
 
 def _check_request(args) -> None:
     """The command line's own values (folders, output, device, size, batch, compression)."""
-    from .limits import RequestError, check_batch, check_compression, check_device, check_size
+    from ..inputs.limits import RequestError, check_batch, check_compression, check_device, check_size
 
     models = Path(args.models)
     if not models.is_dir():
@@ -356,8 +346,8 @@ def v2_settings(args, image_given: bool = False) -> tuple:
 
     The prior runs the hub's 29-step grid unless ``--c-steps`` asks for N uniform steps; the decoder
     12 steps without guidance unless ``--b-steps``/``--b-cfg`` say otherwise."""
-    from .limits import RequestError, check_number
-    from .pipeline_v2 import DecoderSettings, PriorSettings, check_size_v2
+    from ..inputs.limits import RequestError, check_number
+    from ..pipeline.stages_v2 import DecoderSettings, PriorSettings, check_size_v2
 
     for dest, flag, why in _STABLE_CASCADE_ONLY:
         if getattr(args, dest) not in (None, False, []):
@@ -379,109 +369,3 @@ def v2_settings(args, image_given: bool = False) -> tuple:
             message = message.replace(name, flag, 1) if message.startswith(name) else message
         raise UsageError(message) from None
     return prior, decoder, denoise
-
-
-def cmd_generate(args) -> int:
-    from .cascade import Cascade, CascadeFiles, MissingWeightsError
-    from .limits import NonFiniteError, RequestError
-    from .management import ModelManager
-    from .pipeline import OFFICIAL_COMPRESSION
-
-    try:
-        _check_request(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    files = CascadeFiles.from_dir(args.models, args.stage_c_variant, args.stage_b_variant)
-    try:
-        family, note = files.choose_family(args.models, FAMILY_FLAGS.get(args.family))
-    except MissingWeightsError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    v2 = family == FAMILY_FLAGS["v2"]
-    try:
-        if v2:
-            prior, decoder, denoise = v2_settings(args, args.image is not None)
-        else:
-            stage_c, stage_b = _parse_settings(args, args.image is not None)
-        image, loras, controls = _parse_inputs(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    manager = ModelManager(dtype=WEIGHT_DTYPES[args.dtype], device=args.device, memory_budget=args.vram_budget)
-    embeddings = args.embeddings or str(Path(args.models) / "embeddings")
-    progress, bars = _progress_bars()
-    try:
-        if v2:
-            images = _generate_v2(args, files, manager, embeddings, image, prior, decoder, denoise, progress)
-        else:
-            cascade = Cascade(files, manager, root=args.models, embeddings=embeddings)
-            images = cascade.generate(
-                args.prompt, args.negative, width=args.width, height=args.height, batch=args.batch, seed=args.seed,
-                stage_c=stage_c, stage_b=stage_b, image=image, image_mode="variation" if args.variation else "img2img",
-                compression=_or(args.compression, OFFICIAL_COMPRESSION), loras=loras, controls=controls,
-                progress=progress,
-            )
-    except MissingWeightsError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except RequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for bar in bars.values():
-            bar.close()
-    paths, all_there = _save_images(images, args.out)
-    for path in paths:
-        print(f"wrote {path}")
-    return 0 if all_there else 1
-
-
-def _generate_v2(args, files, manager, embeddings, image, prior, decoder, denoise, progress) -> torch.Tensor:
-    from .cascade_v2 import CascadeV2
-    from .pipeline_v2 import output_size
-
-    real = output_size(args.height, args.width)
-    if real != (args.height, args.width):
-        print(f"note: Würstchen v2 makes {real[1]}x{real[0]} for {args.width}x{args.height} (its latent sizes "
-              "are fixed fractions of the image)", file=sys.stderr)
-    cascade = CascadeV2(files, manager, root=args.models, embeddings=embeddings)
-    return cascade.generate(args.prompt, args.negative, width=args.width, height=args.height, batch=args.batch,
-                            seed=args.seed, prior=prior, decoder=decoder, image=image, denoise=denoise,
-                            progress=progress)
-
-
-def cmd_tiny_models(args) -> int:
-    from .tiny import write_tiny_models
-
-    folder = Path(args.dir)
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"tiny-models {args.dir!r} is a file; give a folder to write the checkpoints into")
-        _writable_folder(folder, f"tiny-models {args.dir!r}")
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    written = write_tiny_models(args.dir, seed=args.seed)
-    for path in written:
-        print(path)
-    print(f"wrote {len(written)} tiny random checkpoints to {args.dir} (noise generators for smoke tests, not real models)")
-    return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    if getattr(args, "func", None) is not None:
-        return args.func(args)
-    if args.command == "generate":
-        return cmd_generate(args)
-    return cmd_tiny_models(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

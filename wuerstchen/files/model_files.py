@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Sequence, Tuple
 
-from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightFileError
+from ..storage.weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightFileError
 
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
