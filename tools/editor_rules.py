@@ -379,30 +379,3 @@ def to_api_prompt(workflow: Mapping, definitions: Mapping[str, NodeDefinition], 
     if problems:
         raise EditorRuleError("\n".join(problems))
     return prompt
-
-
-def main(argv=None) -> int:
-    """python tools/editor_rules.py WORKFLOW.json  ->  the API prompt on stdout (this pack's nodes
-    plus the core nodes tools/comfy_core_nodes.py declares)."""
-    import json
-    import sys
-    from pathlib import Path
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(main.__doc__, file=sys.stderr)
-        return 2
-    repo = Path(__file__).resolve().parent.parent
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from tools.comfy_core_nodes import core_definitions
-
-    definitions = {**core_definitions(), **definitions_from_classes(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)}
-    workflow = json.loads(Path(args[0]).read_text(encoding="utf-8"))
-    print(json.dumps(to_api_prompt(workflow, definitions), indent=2, ensure_ascii=False))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -238,7 +238,7 @@ _KIND_LIST = (
         download=HF_STABLE_CASCADE,
         markers=(("clip_txt_mapper.weight", "clip_img_mapper.weight", "embedding.1.weight"),),
         layout=layouts.stage_c, configs=configs.STAGE_C, build=lambda cfg: _models().StageC(**cfg),
-        variant_titles={"full": "Stage C (3.6B)", "lite": "Stage C lite (1B)"},
+        variant_titles=configs.VARIANT_TITLES["stage_c"],
         fp16_guard=True, fp8=True, folders=("diffusion_models", "checkpoints"),
     ),
     ModelKind(
@@ -248,7 +248,7 @@ _KIND_LIST = (
         download=HF_STABLE_CASCADE,
         markers=(("effnet_mapper.0.weight", "pixels_mapper.0.weight", "clip_mapper.weight"),),
         layout=layouts.stage_b, configs=configs.STAGE_B, build=lambda cfg: _models().StageB(**cfg),
-        variant_titles={"full": "Stage B (3B / 1.5B params)", "lite": "Stage B lite (700M)"},
+        variant_titles=configs.VARIANT_TITLES["stage_b"],
         fp16_guard=True, fp8=True, folders=("diffusion_models", "checkpoints"),
     ),
     ModelKind(

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import kinds
 from .checkpoints import LoadedModel, inspect, load_parts
+from ..inputs.limits import physical_memory
 from ..models.ops import is_fp8
 from ..sampling.streaming import Placement, Transfers, module_bytes
 from ..storage.weights_io import WeightSource
@@ -169,14 +170,6 @@ class LocalPlacer(Placer):
 # at the end: saved ComfyUI workflows store the choice by name and keep working.
 WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-
-
-def physical_memory() -> Optional[int]:
-    """Bytes of RAM of this machine, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def default_cache_budget() -> Optional[int]:

@@ -20,11 +20,14 @@ because the estimate guessed high.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+
+from ..models.configs import EFFNET_COMPRESSION, OFFICIAL_COMPRESSION
 
 MIN_SIDE = 64
 """Smallest output side in pixels (one Stage C latent cell is ~43 pixels)."""
@@ -118,8 +121,6 @@ def check_batch(batch, name: str = "batch") -> int:
 
 
 def check_compression(compression, name: str = "compression") -> float:
-    from ..pipeline.stages import OFFICIAL_COMPRESSION
-
     return check_number(compression, name, above=0, official=OFFICIAL_COMPRESSION,
                         hint="pixels per Stage C latent cell")
 
@@ -254,6 +255,14 @@ def check_device(spec: Optional[str], name: str = "device") -> Optional[torch.de
     return device
 
 
+def physical_memory() -> Optional[int]:
+    """Bytes of RAM of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def device_memory(device: torch.device | str) -> Optional[int]:
     """Total bytes of memory ``device`` has (RAM for cpu and mps), or None when unknown."""
     device = torch.device(device)
@@ -263,8 +272,6 @@ def device_memory(device: torch.device | str) -> Optional[int]:
         except (RuntimeError, AssertionError):
             return None
     if device.type in ("cpu", "mps"):
-        from ..files.management import physical_memory
-
         return physical_memory()
     return None
 
@@ -368,8 +375,6 @@ def estimate(*, batch: int, size: Optional[Tuple[int, int]] = None,
     if size is not None:
         needs.append(Need("the images", 3 * batch * 3 * int(size[0]) * int(size[1]) * 4, on_host=True))
     if semantic is not None:
-        from ..pipeline.stages import EFFNET_COMPRESSION
-
         cells = semantic[0] * semantic[1] * EFFNET_COMPRESSION ** 2
         needs.append(Need("the image resized for the semantic encoder", 2 * batch * 3 * cells * 4, on_host=True))
     return needs

@@ -72,11 +72,10 @@ def _attention_blocks(shapes: Mapping[str, Sequence[int]]) -> int:
 
 def official_titles(kind: str = "stage_c") -> Dict[int, str]:
     """Attention width -> title of each official ``kind`` ("stage_c" / "stage_b") variant."""
-    from ..files import kinds
-    from ..models.configs import STAGE_B, STAGE_C
+    from ..models.configs import STAGE_B, STAGE_C, VARIANT_TITLES
 
     variants = STAGE_C if kind == "stage_c" else STAGE_B
-    return {_attention_width(_official_shapes(kind, v)): kinds.title(kind, v) for v in variants}
+    return {_attention_width(_official_shapes(kind, v)): VARIANT_TITLES[kind][v] for v in variants}
 
 
 def stage_b_widths() -> List[int]:
@@ -99,10 +98,9 @@ def describe_model(shapes: Mapping[str, Sequence[int]], part: str) -> str:
 
 
 def _official_stage_c_signatures() -> Dict[str, Tuple[int, int]]:
-    from ..files import kinds
-    from ..models.configs import STAGE_C
+    from ..models.configs import STAGE_C, VARIANT_TITLES
 
-    return {kinds.title("stage_c", v): (_attention_width(_official_shapes("stage_c", v)),
+    return {VARIANT_TITLES["stage_c"][v]: (_attention_width(_official_shapes("stage_c", v)),
                                          _attention_blocks(_official_shapes("stage_c", v)))
             for v in STAGE_C}
 
@@ -129,10 +127,9 @@ def describe_lora_widths(deltas: Sequence[WeightDelta]) -> str:
 
 def _official_weight_counts() -> Dict[int, str]:
     """Number of official-format weights per official Stage C variant -> its title."""
-    from ..files import kinds
-    from ..models.configs import STAGE_C
+    from ..models.configs import STAGE_C, VARIANT_TITLES
 
-    return {len(official_lora_modules(_official_shapes("stage_c", v))): kinds.title("stage_c", v) for v in STAGE_C}
+    return {len(official_lora_modules(_official_shapes("stage_c", v))): VARIANT_TITLES["stage_c"][v] for v in STAGE_C}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import copy
 
+# Pixels per latent cell, the facts every layer above sizes its tensors with.
+OFFICIAL_COMPRESSION = 42.67  # pixels per Stage C cell at the official 1024² -> 24x24
+STAGE_B_COMPRESSION = 4  # pixels per Stage B (VQGAN) latent cell
+EFFNET_COMPRESSION = 32  # pixels of the semantic compressor's input per latent cell
+
+# Names of the released variants, in messages (the kinds table and LoRA matching both say them).
+VARIANT_TITLES = {
+    "stage_c": {"full": "Stage C (3.6B)", "lite": "Stage C lite (1B)"},
+    "stage_b": {"full": "Stage B (3B / 1.5B params)", "lite": "Stage B lite (700M)"},
+}
+
 STAGE_C = {
     "full": dict(
         c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=[2048, 2048], nhead=[32, 32],

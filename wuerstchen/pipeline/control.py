@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..inputs import limits
+from ..models.configs import EFFNET_COMPRESSION
 from ..sampling.samplers import StepInput
+from .semantic import encode_semantic
 
 KINDS = ("canny", "inpainting", "super_resolution")
 CANNY_SIZE = 224  # the official CannyFilter works at 224x224
 CANNY_THRESHOLDS = (100, 200)
 SR_UPSCALE = 2  # SREffnetFilter's 1 / scale_factor
-EFFNET_COMPRESSION = 32
 
 Maps = List[Optional[torch.Tensor]]
 
@@ -181,8 +182,6 @@ def super_resolution_input(effnet: Optional[nn.Module], images: torch.Tensor) ->
     if effnet is None:
         raise ControlInputError("the super-resolution ControlNet needs the semantic compressor (effnet_encoder)",
                                 "effnet")
-    from .stages import encode_semantic
-
     size = (max(1, round(images.shape[-2] / EFFNET_COMPRESSION)), max(1, round(images.shape[-1] / EFFNET_COMPRESSION)))
     latent = encode_semantic(effnet, images, size)
     return F.interpolate(latent, scale_factor=SR_UPSCALE, mode="nearest")

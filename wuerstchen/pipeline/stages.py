@@ -28,14 +28,12 @@ from torch import nn
 from ..inputs import limits
 from ..sampling import samplers as sampling
 from ..models.configs import STAGE_B as _STAGE_B_CONFIGS
+from ..models.configs import EFFNET_COMPRESSION, OFFICIAL_COMPRESSION, STAGE_B_COMPRESSION  # noqa: F401 (also read from here)
+from .semantic import encode_semantic, model_param as _model_param, semantic_input, stage_c_latent_size  # noqa: F401
 from .control import ControlSchedule, Hint, check_fits
-from ..models.effnet import effnet_preprocess
 from ..sampling.schedule import img2img_steps
 
-OFFICIAL_COMPRESSION = 42.67
-STAGE_B_COMPRESSION = 4
 STAGE_B_PATCH = _STAGE_B_CONFIGS["full"]["patch_size"]  # Stage B latent sides are multiples of this
-EFFNET_COMPRESSION = 32
 STAGE_A_SCALE = 0.43
 AUTO_TILE_CELLS = 192 * 192  # Stage B latents larger than this are decoded in tiles by default
 AUTO_TILE = 128
@@ -197,12 +195,6 @@ def text_loras(text_encoder: nn.Module, loras: Sequence[LoraUse]):
 # Sizes
 
 
-def stage_c_latent_size(height: int, width: int, compression: float = OFFICIAL_COMPRESSION) -> Tuple[int, int]:
-    """Stage C latent (h, w) for an output size, as the official ``calculate_latent_sizes``."""
-    compression = limits.check_compression(compression)
-    return math.ceil(height / compression), math.ceil(width / compression)
-
-
 def stage_b_latent_size(height: int, width: int, multiple: int = STAGE_B_PATCH) -> Tuple[int, int]:
     """Stage B latent (h, w) for an output size: ceil(side / 4) (official), rounded up to a multiple of
     Stage B's patch size, which its patch embedding needs. Sides that are multiples of 8 pixels are
@@ -307,10 +299,6 @@ def with_image_embeds(cond: Conditioning, embeds: torch.Tensor, strengths: Optio
 
 def cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-
-
-def _model_param(model: nn.Module) -> torch.Tensor:
-    return next(model.parameters())
 
 
 def sample_stage_c(
@@ -584,34 +572,6 @@ def encode_stage_a(stage_a: nn.Module, images: torch.Tensor) -> torch.Tensor:
     x = images[:, :, :h, :w].to(param.device, param.dtype)
     latent = stage_a.encode(x, quantize=False)[0].float()
     limits.check_finite(latent, "Stage A encode", param.dtype)
-    return latent.cpu()
-
-
-def semantic_input(images: torch.Tensor, latent_size: Tuple[int, int]) -> torch.Tensor:
-    """Resize [B, 3, H, W] images in [0, 1] for the effnet (bilinear, antialiased, as the official
-    ``resize_image``) to 32x the wanted Stage C latent size, then ImageNet-normalise."""
-    target = (latent_size[0] * EFFNET_COMPRESSION, latent_size[1] * EFFNET_COMPRESSION)
-    x = images.float()
-    if tuple(x.shape[-2:]) != target:
-        x = F.interpolate(x, size=target, mode="bilinear", antialias=True, align_corners=False)
-    return effnet_preprocess(x)
-
-
-@torch.no_grad()
-def encode_semantic(effnet: nn.Module, images: torch.Tensor, latent_size: Optional[Tuple[int, int]] = None,
-                    compression: float = OFFICIAL_COMPRESSION) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1] -> Stage C latent [B, 16, h, w] (img2img, reconstruction)."""
-    images = limits.check_images(images, "semantic encode image")
-    if latent_size is None:
-        latent_size = stage_c_latent_size(images.shape[-2], images.shape[-1], compression)
-    param = _model_param(effnet)
-    batch = limits.check_batch(images.shape[0], "semantic encode batch")
-    limits.check_memory(limits.estimate(batch=batch, semantic=tuple(latent_size)), param.device,
-                        f"semantic encode to a {latent_size[1]}x{latent_size[0]} latent, batch {batch}",
-                        "raise the compression or encode smaller images")
-    x = semantic_input(images, latent_size).to(param.device, param.dtype)
-    latent = effnet(x).float()
-    limits.check_finite(latent, "The semantic encoder (EfficientNet)", param.dtype)
     return latent.cpu()
 
 
