@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..options.generate import generate_parser, FAMILY_FLAGS, UsageError, _writable_folder
+from ..options.generate import UsageError, _writable_folder, generate_parser
+from .common import files_and_family, report_failure
 
 _SHARED = ("family", "embeddings", "stage_c_variant", "stage_b_variant", "dtype", "vram_budget", "device")
 
@@ -78,19 +79,17 @@ def run(args) -> int:
     from ..batch.jobs import JobsError, load_jobs
     from ..batch.manifest import Output
     from ..batch.run import GROUP_SIZE, run_batch
-    from ..pipeline.cascade import CascadeFiles, MissingWeightsError
+    from ..pipeline.cascade import MissingWeightsError
 
     try:
         _check(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    files = CascadeFiles.from_dir(args.models, args.stage_c_variant, args.stage_b_variant)
     try:
-        family, note = files.choose_family(args.models, FAMILY_FLAGS.get(args.family))
+        files, family, note = files_and_family(args)
     except MissingWeightsError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        return report_failure(exc)
     try:
         jobs = load_jobs(args.prompts, args.models, args.out, family, args, check_device=args.ray is None)
     except JobsError as exc:

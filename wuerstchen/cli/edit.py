@@ -16,6 +16,7 @@ import re
 import sys
 
 from ..files.management import WEIGHT_DTYPES
+from .common import RUN_ERRORS, close_bars, report_failure
 
 DEFAULTS = dict(steps=20, refine=3, fuse_at=0.8, dilate=1, cfg=1.0, b_steps=10, b_cfg=1.1, feather=2)
 
@@ -95,7 +96,6 @@ def run(args) -> int:
     from ..pipeline.cascade import Cascade, CascadeFiles, MissingWeightsError
     from ..options.generate import UsageError, _progress_bars, _save_images
     from ..editing.editor import LayeredEditor
-    from ..inputs.limits import NonFiniteError, RequestError
     from ..files.management import ModelManager
 
     try:
@@ -113,15 +113,10 @@ def run(args) -> int:
     progress, bars = _progress_bars()
     try:
         result = LayeredEditor(Cascade(files, manager, root=args.models)).run(request, progress)
-    except RequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except RUN_ERRORS as exc:
+        return report_failure(exc)
     finally:
-        for bar in bars.values():
-            bar.close()
+        close_bars(bars)
     if request.op.kind == "move":
         dx, dy = result.offset_cells
         h, w = request.image.shape[-2:]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..files.management import WEIGHT_DTYPES
+from .common import RUN_ERRORS, close_bars, files_and_family, report_failure
 from ..options.generate import (FAMILY_FLAGS, UsageError, _check_request, _or, _parse_inputs, _parse_settings,
                                 _progress_bars, _save_images, add_generate_arguments, v2_settings)
 
@@ -27,8 +28,7 @@ def run(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ..pipeline.cascade import Cascade, CascadeFiles, MissingWeightsError
-    from ..inputs.limits import NonFiniteError, RequestError
+    from ..pipeline.cascade import Cascade, MissingWeightsError
     from ..files.management import ModelManager
     from ..pipeline.stages import OFFICIAL_COMPRESSION
 
@@ -37,12 +37,10 @@ def cmd_generate(args) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    files = CascadeFiles.from_dir(args.models, args.stage_c_variant, args.stage_b_variant)
     try:
-        family, note = files.choose_family(args.models, FAMILY_FLAGS.get(args.family))
+        files, family, note = files_and_family(args)
     except MissingWeightsError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        return report_failure(exc)
     v2 = family == FAMILY_FLAGS["v2"]
     try:
         if v2:
@@ -69,18 +67,10 @@ def cmd_generate(args) -> int:
                 compression=_or(args.compression, OFFICIAL_COMPRESSION), loras=loras, controls=controls,
                 progress=progress,
             )
-    except MissingWeightsError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except RequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except RUN_ERRORS as exc:
+        return report_failure(exc)
     finally:
-        for bar in bars.values():
-            bar.close()
+        close_bars(bars)
     paths, all_there = _save_images(images, args.out)
     for path in paths:
         print(f"wrote {path}")
