@@ -135,3 +135,8 @@ def test_the_checks_see_a_cycle_and_an_upward_import():
     assert "wuerstchen.pipeline.stages" in _imports("wuerstchen.pipeline.cascade",
                                                    known["wuerstchen.pipeline.cascade"], known)
     assert _layer("wuerstchen.cli.generate")[0] > _layer("wuerstchen.storage.weights_io")[0]
+
+
+def test_nodes_have_no_import_cycle():
+    cycles = _cycles(_graph(REPO / "nodes", "nodes"))
+    assert not cycles, "import cycles in nodes/: " + "; ".join(" -> ".join(c) for c in cycles)
